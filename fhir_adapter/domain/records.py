@@ -1,0 +1,442 @@
+"""Domain records (see the package docstring)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from fhir_adapter.trial import Trial
+
+# FHIR ids allow [A-Za-z0-9-.]{1,64}; business identifiers are built from these values, so keep
+# them to that alphabet and short enough to be suffixed (S001-m3-masi-R1).
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,31}$")
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_INT_RE = re.compile(r"^[+-]?\d+$")
+_DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+
+
+def _err(kind: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError(kind, message)
+
+
+def _parse_int(value: object) -> object:
+    """Integers as JSON integers or digit strings; never booleans, floats or '3.0'."""
+    if value is None:
+        raise _err("missing", "is required")
+    if isinstance(value, bool):
+        raise _err("int_type", "must be a whole number, not true/false")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and _INT_RE.match(value):
+        return int(value)
+    if isinstance(value, float | Decimal) and value == int(value):
+        # 3.0 in JSON: a number with no fractional part is still a whole number.
+        return int(value)
+    raise _err("int_parsing", "must be a whole number")
+
+
+def _parse_date(value: object) -> object:
+    if value is None:
+        raise _err("missing", "is required")
+    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        return value
+    if isinstance(value, str) and _DATE_RE.match(value):
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError:
+            raise _err("date_value", "is not a real calendar date (YYYY-MM-DD)") from None
+    raise _err("date_format", "must be a date written YYYY-MM-DD")
+
+
+def _parse_decimal(value: object) -> object:
+    if value is None:
+        raise _err("missing", "is required")
+    if isinstance(value, bool):
+        raise _err("decimal_type", "must be a number, not true/false")
+    if isinstance(value, int | Decimal):
+        return Decimal(value)
+    if isinstance(value, float):
+        # JSON readers of this project parse numbers as Decimal; a float here comes from a
+        # caller that built records by hand. repr() is the shortest exact round-trip string.
+        return Decimal(repr(value))
+    if isinstance(value, str) and _DECIMAL_RE.match(value):
+        try:
+            return Decimal(value)
+        except InvalidOperation:  # pragma: no cover - the regex admits only valid literals
+            pass
+    raise _err("decimal_parsing", "must be a number")
+
+
+def _parse_id(value: object) -> object:
+    if value is None:
+        raise _err("missing", "is required")
+    if isinstance(value, str) and _ID_RE.match(value):
+        return value
+    raise _err(
+        "identifier",
+        "must be 1-32 characters of letters, digits, '-' or '.', starting with a letter or digit",
+    )
+
+
+WholeNumber = Annotated[int, BeforeValidator(_parse_int)]
+Date = Annotated[dt.date, BeforeValidator(_parse_date)]
+Number = Annotated[Decimal, BeforeValidator(_parse_decimal)]
+Identifier = Annotated[str, BeforeValidator(_parse_id)]
+DarknessScore = Annotated[WholeNumber, Field(ge=0, le=4)]
+HomogeneityScore = Annotated[WholeNumber, Field(ge=0, le=4)]
+AreaScore = Annotated[WholeNumber, Field(ge=0, le=6)]
+
+
+class YesNo(StrEnum):
+    YES = "yes"
+    NO = "no"
+
+
+class Sex(StrEnum):
+    FEMALE = "female"
+    MALE = "male"
+    OTHER = "other"
+    UNKNOWN = "unknown"
+
+
+class ParticipantStatus(StrEnum):
+    SCREENING = "screening"
+    ON_STUDY = "on-study"
+    WITHDRAWN = "withdrawn"
+    COMPLETED = "completed"
+
+
+class SatisfactionLevel(StrEnum):
+    VERY_SATISFIED = "very_satisfied"
+    SATISFIED = "satisfied"
+    AVERAGE = "average"
+    DISSATISFIED = "dissatisfied"
+
+
+class AeTerm(StrEnum):
+    ERYTHEMA = "erythema"
+    BURNING = "burning"
+    ITCHING = "itching"
+    DRYNESS = "dryness"
+    IRRITATION = "irritation"
+    HYPERPIGMENTATION = "hyperpigmentation"
+    EDEMA = "edema"
+    SCAR_FORMATION = "scar_formation"
+    SKIN_BREAKDOWN = "skin_breakdown"
+    SKIN_INFECTION = "skin_infection"
+    OTHER = "other"
+
+
+class Causality(StrEnum):
+    RELATED = "related"
+    POSSIBLY_RELATED = "possibly_related"
+    UNLIKELY_RELATED = "unlikely_related"
+    UNRELATED = "unrelated"
+
+
+class Outcome(StrEnum):
+    RECOVERED = "recovered"
+    RECOVERING = "recovering"
+    NOT_RECOVERED = "not_recovered"
+    RECOVERED_WITH_SEQUELAE = "recovered_with_sequelae"
+    FATAL = "fatal"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class RecordContext:
+    """What record validation needs beyond the record itself."""
+
+    trial: Trial
+    today: dt.date | None = None  # the site's "today"; None disables the future-date check
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _context(info: ValidationInfo) -> RecordContext | None:
+    ctx = info.context
+    return ctx if isinstance(ctx, RecordContext) else None
+
+
+class Record(BaseModel):
+    """Base of every source record. Empty cells and blank strings mean "absent"."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", str_strip_whitespace=True)
+
+    #: The source file this kind of record comes from (the CSV name, the webhook kind).
+    kind: ClassVar[str]
+    #: Columns a file of this kind may leave out entirely.
+    optional_columns: ClassVar[frozenset[str]] = frozenset()
+    #: Fields that hold personal data: never logged, never echoed.
+    personal_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            cleaned: dict[str, Any] = {}
+            for key, value in data.items():
+                if isinstance(value, str):
+                    value = value.strip() or None  # trailing blanks, empty cells
+                cleaned[key] = value
+            return cleaned
+        return data
+
+    @classmethod
+    def columns(cls, trial: Trial) -> list[str]:
+        """The file's columns in their documented order."""
+        return [name for name in cls.model_fields if not name.startswith("_")]
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _not_in_future(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, dt.date):
+            ctx = _context(info)
+            if ctx is not None and ctx.today is not None and value > ctx.today:
+                raise _err("date_future", "is in the future")
+        return value
+
+
+def _check_visit(value: str | None, info: ValidationInfo) -> str | None:
+    ctx = _context(info)
+    if value is not None and ctx is not None and value not in ctx.trial.visit_order:
+        raise _err(
+            "visit", "unknown visit (expected one of " + ", ".join(ctx.trial.visit_ids) + ")"
+        )
+    return value
+
+
+class Participant(Record):
+    kind: ClassVar[str] = "participants"
+    optional_columns: ClassVar[frozenset[str]] = frozenset({"status", "mrn"})
+    personal_fields: ClassVar[frozenset[str]] = frozenset(
+        {"birth_date", "mrn", "withdrawal_reason"}
+    )
+
+    subject_id: Identifier
+    arm: str | None = None
+    sex: Sex
+    birth_date: Date
+    consent_date: Date | None = None
+    enrolled_on: Date | None = None
+    first_treatment_on: Date | None = None
+    status: ParticipantStatus | None = None
+    withdrawn_on: Date | None = None
+    withdrawal_reason: str | None = Field(default=None, max_length=1000)
+    mrn: str | None = Field(default=None, max_length=64)
+
+    @field_validator("arm")
+    @classmethod
+    def _known_arm(cls, value: str | None, info: ValidationInfo) -> str | None:
+        ctx = _context(info)
+        if value is not None and ctx is not None and value not in ctx.trial.arm_ids:
+            raise _err(
+                "arm", "unknown arm (expected one of " + ", ".join(sorted(ctx.trial.arm_ids)) + ")"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _dates_in_order(self) -> Participant:
+        if self.first_treatment_on is not None and self.enrolled_on is None:
+            raise _field_error("first_treatment_on", "is set but enrolled_on is empty")
+        if self.enrolled_on is not None and self.enrolled_on < self.birth_date:
+            raise _field_error("enrolled_on", "is before birth_date")
+        if self.consent_date is not None and self.consent_date < self.birth_date:
+            raise _field_error("consent_date", "is before birth_date")
+        if (
+            self.first_treatment_on is not None
+            and self.enrolled_on is not None
+            and self.first_treatment_on < self.enrolled_on
+        ):
+            raise _field_error("first_treatment_on", "is before enrolled_on")
+        if self.withdrawn_on is not None and self.withdrawn_on < self.birth_date:
+            raise _field_error("withdrawn_on", "is before birth_date")
+        if self.status is ParticipantStatus.WITHDRAWN and self.withdrawn_on is None:
+            raise _field_error("withdrawn_on", "is required when status is withdrawn")
+        if self.withdrawn_on is not None and self.status not in (
+            None,
+            ParticipantStatus.WITHDRAWN,
+        ):
+            raise _field_error("status", "must be withdrawn (or empty) when withdrawn_on is set")
+        return self
+
+    @property
+    def enrolled(self) -> bool:
+        return self.enrolled_on is not None
+
+    @property
+    def effective_status(self) -> ParticipantStatus:
+        """The status column, or what the dates imply when it is empty."""
+        if self.status is not None:
+            return self.status
+        if self.withdrawn_on is not None:
+            return ParticipantStatus.WITHDRAWN
+        if self.enrolled_on is not None:
+            return ParticipantStatus.ON_STUDY
+        return ParticipantStatus.SCREENING
+
+
+class FieldError(ValueError):
+    """A model-level rule that blames one field (reported as that field, not the row)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field_name = field_name
+        self.message = message
+
+
+def _field_error(field_name: str, message: str) -> FieldError:
+    return FieldError(field_name, message)
+
+
+class EligibilityScreening(Record):
+    """One screening: the answers per criterion column (``yes`` / ``no`` / empty = unknown)."""
+
+    kind: ClassVar[str] = "eligibility"
+    optional_columns: ClassVar[frozenset[str]] = frozenset({"screened_by"})
+
+    subject_id: Identifier
+    screened_on: Date
+    screened_by: str | None = Field(default=None, max_length=64)
+    answers: dict[str, YesNo | None] = Field(default_factory=dict)
+
+    @classmethod
+    def columns(cls, trial: Trial) -> list[str]:
+        return ["subject_id", "screened_on", "screened_by", *(c.column for c in trial.criteria)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pack_answers(cls, data: Any, info: ValidationInfo) -> Any:
+        ctx = _context(info)
+        if not isinstance(data, dict) or ctx is None or "answers" in data:
+            return data
+        columns = {c.column for c in ctx.trial.criteria}
+        packed = {k: v for k, v in data.items() if k not in columns}
+        answers: dict[str, Any] = {}
+        for criterion in ctx.trial.criteria:
+            raw = data.get(criterion.column)
+            if isinstance(raw, str):
+                raw = raw.strip().lower() or None  # empty cell = unknown
+            answers[criterion.column] = raw
+        packed["answers"] = answers
+        return packed
+
+
+class MasiRating(Record):
+    """One physician's MASI rating of one subject at one visit: D/H/A for four regions."""
+
+    kind: ClassVar[str] = "masi"
+
+    subject_id: Identifier
+    visit: str
+    rater_id: Identifier
+    assessed_on: Date
+    forehead_d: DarknessScore
+    forehead_h: HomogeneityScore
+    forehead_a: AreaScore
+    right_malar_d: DarknessScore
+    right_malar_h: HomogeneityScore
+    right_malar_a: AreaScore
+    left_malar_d: DarknessScore
+    left_malar_h: HomogeneityScore
+    left_malar_a: AreaScore
+    chin_d: DarknessScore
+    chin_h: HomogeneityScore
+    chin_a: AreaScore
+
+    _visit = field_validator("visit")(_check_visit)
+
+
+class PgaAssessment(Record):
+    kind: ClassVar[str] = "pga"
+
+    subject_id: Identifier
+    visit: str
+    rater_id: Identifier
+    assessed_on: Date
+    pga: Annotated[WholeNumber, Field(ge=0, le=6)]
+
+    @field_validator("visit")
+    @classmethod
+    def _follow_up_visit(cls, value: str, info: ValidationInfo) -> str:
+        _check_visit(value, info)
+        ctx = _context(info)
+        if ctx is not None and value == ctx.trial.baseline_visit:
+            raise _err("visit", "PGA is not assessed at baseline (nothing to compare with)")
+        return value
+
+
+class SatisfactionResponse(Record):
+    kind: ClassVar[str] = "satisfaction"
+    optional_columns: ClassVar[frozenset[str]] = frozenset({"improvement_pct"})
+
+    subject_id: Identifier
+    visit: str
+    assessed_on: Date
+    level: SatisfactionLevel | None = None
+    improvement_pct: Annotated[Number, Field(ge=-100, le=100)] | None = None
+
+    @field_validator("visit")
+    @classmethod
+    def _follow_up_visit(cls, value: str, info: ValidationInfo) -> str:
+        _check_visit(value, info)
+        ctx = _context(info)
+        if ctx is not None and value == ctx.trial.baseline_visit:
+            raise _err("visit", "satisfaction is not asked at baseline (nothing to compare with)")
+        return value
+
+    @model_validator(mode="after")
+    def _level_or_estimate(self) -> SatisfactionResponse:
+        if self.level is None and self.improvement_pct is None:
+            raise _field_error("level", "is required when improvement_pct is empty")
+        return self
+
+
+class AdverseEvent(Record):
+    kind: ClassVar[str] = "adverse_events"
+    optional_columns: ClassVar[frozenset[str]] = frozenset({"visit"})
+    personal_fields: ClassVar[frozenset[str]] = frozenset({"term_text", "action_taken"})
+
+    ae_id: Identifier
+    subject_id: Identifier
+    term: AeTerm
+    term_text: str | None = Field(default=None, max_length=500)
+    onset_on: Date
+    resolved_on: Date | None = None
+    visit: str | None = None
+    grade: Annotated[WholeNumber, Field(ge=1, le=5)]
+    serious: YesNo
+    causality: Causality
+    outcome: Outcome
+    action_taken: str | None = Field(default=None, max_length=500)
+    reported_on: Date | None = None
+
+    _visit = field_validator("visit")(_check_visit)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AdverseEvent:
+        if self.term is AeTerm.OTHER and not self.term_text:
+            raise _field_error("term_text", "is required when term is 'other'")
+        if self.resolved_on is not None and self.resolved_on < self.onset_on:
+            raise _field_error("resolved_on", "is before onset_on")
+        if self.reported_on is not None and self.reported_on < self.onset_on:
+            raise _field_error("reported_on", "is before onset_on")
+        return self
+
+    @property
+    def is_serious(self) -> bool:
+        return self.serious is YesNo.YES
