@@ -97,7 +97,9 @@ def format_issues(issues: list[Issue]) -> str:
     return f"{where}: {label}: {what}"
 
 
-def pydantic_issues(file: str, line: int | None, exc: ValidationError) -> list[Issue]:
+def pydantic_issues(
+    file: str, line: int | None, exc: ValidationError, raw: Mapping[str, Any] | None = None
+) -> list[Issue]:
     """Turn a ValidationError into issues naming fields; never includes the input values."""
     issues = []
     for err in exc.errors(include_input=False, include_url=False):
@@ -108,10 +110,15 @@ def pydantic_issues(file: str, line: int | None, exc: ValidationError) -> list[I
         loc = [str(p) for p in err["loc"] if p != "answers"]
         fld = ".".join(loc) if loc else None
         msg = err["msg"]
-        if err["type"] == "missing":
+        blank = raw is not None and fld is not None and _is_blank(raw.get(loc[-1]))
+        if err["type"] == "missing" or (blank and len(loc) == 1):
             msg = "is required"
         issues.append(Issue(file, line, fld, msg))
     return issues
+
+
+def _is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 class RejectsWriter:
@@ -255,7 +262,7 @@ class Intake:
             record: Record | None = model.model_validate(dict(raw), context=self._ctx)
             errors: list[Issue] = []
         except ValidationError as exc:
-            record, errors = None, pydantic_issues(file, line, exc)
+            record, errors = None, pydantic_issues(file, line, exc, raw)
         warnings: list[Issue] = []
         if record is not None:
             record, errors, warnings = self._cross_checks(record, file, line)

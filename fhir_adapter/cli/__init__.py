@@ -11,6 +11,8 @@ import logging
 import sys
 
 from fhir_adapter.cli import data as _data  # noqa: F401 - registers the data commands
+from fhir_adapter.cli import demo as _demo  # noqa: F401 - registers demo
+from fhir_adapter.cli import fhir as _fhir  # noqa: F401 - registers map
 from fhir_adapter.cli.base import cli, echo_err
 from fhir_adapter.errors import ExitCode
 

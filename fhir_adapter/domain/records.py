@@ -263,8 +263,20 @@ class Participant(Record):
             and self.first_treatment_on < self.enrolled_on
         ):
             raise _field_error("first_treatment_on", "is before enrolled_on")
+        if (
+            self.consent_date is not None
+            and self.enrolled_on is not None
+            and self.enrolled_on < self.consent_date
+        ):
+            raise _field_error("enrolled_on", "is before consent_date")
         if self.withdrawn_on is not None and self.withdrawn_on < self.birth_date:
             raise _field_error("withdrawn_on", "is before birth_date")
+        if (
+            self.withdrawn_on is not None
+            and self.enrolled_on is not None
+            and self.withdrawn_on < self.enrolled_on
+        ):
+            raise _field_error("withdrawn_on", "is before enrolled_on")
         if self.status is ParticipantStatus.WITHDRAWN and self.withdrawn_on is None:
             raise _field_error("withdrawn_on", "is required when status is withdrawn")
         if self.withdrawn_on is not None and self.status not in (
