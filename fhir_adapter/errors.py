@@ -7,7 +7,9 @@ rows and fields only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import IntEnum
+from typing import Any
 
 
 class ExitCode(IntEnum):
@@ -45,9 +47,24 @@ class InputUnreadable(AdapterError):
 
 
 class ServerError(AdapterError):
-    """Base of the errors a FHIR server answer maps to."""
+    """Base of the errors a FHIR server answer maps to (built in one place: the client)."""
 
     exit_code = ExitCode.DATA_ERROR
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        outcome: Any = None,
+        issues: Sequence[str] = (),
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.outcome = outcome  # the server's OperationOutcome, if any
+        self.issues = list(issues)
+        self.retry_after = retry_after
 
 
 class ServerRejected(ServerError):

@@ -32,11 +32,31 @@ class Settings(BaseSettings):
         default="http://127.0.0.1:8103/fhir/R4", description="Base URL of the target FHIR server"
     )
     fhir_version: Literal["R4", "R5"] = Field(default="R4", description="FHIR version to emit")
-    fhir_auth: Literal["none", "bearer", "smart"] = "none"
+    fhir_auth: Literal["none", "bearer", "smart"] = Field(
+        default="none", description="none, a static bearer token, or SMART Backend Services"
+    )
     fhir_token: SecretStr | None = Field(default=None, description="Static bearer token")
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
+    smart_token_url: str | None = Field(default=None, description="SMART token endpoint")
+    smart_client_id: str | None = None
+    smart_private_key: SecretStr | None = Field(
+        default=None, description="PEM private key signing the JWT client assertion"
+    )
+    smart_private_key_path: Path | None = Field(default=None, description="...or its file")
+    smart_key_id: str | None = Field(default=None, description="kid header of the assertion")
+    smart_algorithm: Literal["RS384", "ES384", "RS256", "ES256"] = "RS384"
+    smart_scope: str = "system/*.rs system/*.cud"
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    ca_bundle: Path | None = Field(default=None, description="Custom CA bundle (PEM)")
+    client_cert: Path | None = Field(default=None, description="Client certificate for mTLS")
+    client_key: Path | None = Field(default=None, description="Client key for mTLS")
+    proxy: str | None = Field(default=None, description="HTTP(S) proxy URL")
+    max_attempts: int = Field(default=6, ge=1, description="Attempts per request (retryable)")
+    max_retry_seconds: float = Field(default=120.0, gt=0, description="Total retry time")
     bundle_size: int = Field(default=100, ge=1, le=5000)
+    identity_strategy: Literal["auto", "identifier", "tag", "client-id"] = Field(
+        default="auto", description="How resources are matched on the server (auto: from /metadata)"
+    )
 
     # --- identity ----------------------------------------------------------------------------
     identifier_base: str = Field(

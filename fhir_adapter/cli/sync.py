@@ -1,0 +1,255 @@
+"""Commands that talk to a FHIR server: sync, reconcile, outbox, dead-letters, test-server."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, user_errors
+from fhir_adapter.cli.fhir import mapping_context
+from fhir_adapter.client import FhirClient
+from fhir_adapter.errors import ExitCode
+from fhir_adapter.intake import Intake, site_today
+from fhir_adapter.jsonout import dumps
+from fhir_adapter.mapping.context import FhirVersion, Target
+from fhir_adapter.settings import Settings
+from fhir_adapter.sync import sync_directory
+from fhir_adapter.sync.engine import Sender
+from fhir_adapter.sync.outbox import Outbox
+from fhir_adapter.sync.reconcile import reconcile
+
+
+def _server_options(f: Any) -> Any:
+    f = click.option(
+        "--server", default=None, help="FHIR base URL (default: FHIR_ADAPTER_FHIR_BASE_URL)."
+    )(f)
+    f = click.option(
+        "--outbox",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Outbox SQLite file (default: FHIR_ADAPTER_OUTBOX_PATH).",
+    )(f)
+    f = click.option(
+        "--fhir-version",
+        type=click.Choice(["R4", "R5"]),
+        default=None,
+        help="FHIR version (default: FHIR_ADAPTER_FHIR_VERSION, R4).",
+    )(f)
+    return click.option(
+        "--auth",
+        type=click.Choice(["none", "bearer", "smart"]),
+        default=None,
+        help="Authentication (default: FHIR_ADAPTER_FHIR_AUTH); secrets come "
+        "from the environment only.",
+    )(f)
+
+
+def _settings(
+    app: AppContext,
+    server: str | None,
+    auth: str | None,
+    outbox: Path | None,
+    fhir_version: str | None,
+) -> Settings:
+    update: dict[str, Any] = {}
+    if server:
+        update["fhir_base_url"] = server
+    if auth:
+        update["fhir_auth"] = auth
+    if outbox:
+        update["outbox_path"] = outbox
+    if fhir_version:
+        update["fhir_version"] = fhir_version
+    return app.settings.model_copy(update=update)
+
+
+def _sender(settings: Settings, outbox: Outbox, client: FhirClient) -> Sender:
+    return Sender(
+        client,
+        outbox,
+        fhir_version=settings.fhir_version,
+        bundle_size=settings.bundle_size,
+        identity=settings.identity_strategy,
+    )
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@_server_options
+@click.option(
+    "--target",
+    type=click.Choice(["registry", "hospital"]),
+    default="registry",
+    show_default=True,
+    help="hospital: with birth date and MRN.",
+)
+@click.option("--bundle-size", type=click.IntRange(1, 5000), default=None)
+@click.option("--dry-run", is_flag=True, help="Show what would be sent; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@pass_app
+def sync(
+    app: AppContext,
+    directory: Path,
+    server: str | None,
+    outbox: Path | None,
+    fhir_version: str | None,
+    auth: str | None,
+    target: Target,
+    bundle_size: int | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Bring a FHIR server in step with a directory of source files, exactly once in effect.
+
+    Only new or changed resources are sent; a second run of unchanged data sends nothing.
+    Each file present is the complete set for its kind: records removed from it become
+    entered-in-error (Observation, Encounter, Consent) or are deleted. Exit 0 all landed or
+    unchanged, 65 rows rejected or resources dead-lettered, 69 server unavailable.
+    """
+    settings = _settings(app, server, auth, outbox, fhir_version)
+    if bundle_size:
+        settings = settings.model_copy(update={"bundle_size": bundle_size})
+    with user_errors():
+        version: FhirVersion = settings.fhir_version
+        ctx = mapping_context(app, version, target)
+        intake = Intake(trial=app.trial, today=site_today(app.timezone), on_issue=echo_err)
+        with FhirClient(settings) as client:
+            result = sync_directory(
+                directory,
+                ctx=ctx,
+                intake=intake,
+                client=client,
+                outbox_path=settings.outbox_path,
+                bundle_size=settings.bundle_size,
+                identity=settings.identity_strategy,
+                dry_run=dry_run,
+                threshold=app.threshold(None),
+            )
+        summary = result.as_dict()
+        if as_json:
+            click.echo(dumps(summary))
+        else:
+            for key, value in summary.items():
+                if key == "removed":
+                    for item in value:
+                        echo_err(f"removed: {item}")
+                    continue
+                if isinstance(value, dict):
+                    for k, v in sorted(value.items()):
+                        click.echo(f"would send {k}: {v}")
+                    continue
+                click.echo(f"{key}: {value if not isinstance(value, list) else len(value)}")
+    if result.unreadable:
+        sys.exit(int(ExitCode.INPUT_UNREADABLE))
+    failed = result.rejected_rows or (
+        result.send and (result.send.dead_lettered or result.send.blocked)
+    )
+    if failed:
+        sys.exit(int(ExitCode.DATA_ERROR))
+
+
+@cli.command("reconcile")
+@_server_options
+@click.option("--repair", is_flag=True, help="Re-send what is missing or differs.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def reconcile_command(
+    app: AppContext,
+    server: str | None,
+    outbox: Path | None,
+    fhir_version: str | None,
+    auth: str | None,
+    repair: bool,
+    as_json: bool,
+) -> None:
+    """Compare the outbox with what the server holds: missing, extra, differing resources."""
+    settings = _settings(app, server, auth, outbox, fhir_version)
+    with user_errors(), Outbox(settings.outbox_path) as box, FhirClient(settings) as client:
+        report = reconcile(_sender(settings, box, client), box, repair=repair)
+        if as_json:
+            click.echo(dumps(report.as_dict()))
+        else:
+            for kind in ("missing", "extra", "differing", "duplicated"):
+                items = getattr(report, kind)
+                click.echo(f"{kind}: {len(items)}")
+                for item in items[:50]:
+                    click.echo(f"  {item}")
+            if repair:
+                click.echo(f"repaired: {report.repaired}")
+    if not report.clean and not repair:
+        sys.exit(int(ExitCode.DATA_ERROR))
+
+
+@cli.group()
+def outbox() -> None:
+    """The durable outbox."""
+
+
+@outbox.command("status")
+@click.option("--outbox", "path", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def outbox_status(app: AppContext, path: Path | None, as_json: bool) -> None:
+    """Counts of outbox rows by type and state (pending, sending, sent, dead, tombstone…)."""
+    with user_errors():
+        target = path or app.settings.outbox_path
+        if not target.exists():
+            click.echo(f"no outbox at {target}")
+            return
+        with Outbox(target) as box:
+            counts = box.counts()
+            if as_json:
+                click.echo(dumps({"server": box.get_meta("server"), "counts": counts}))
+                return
+            click.echo(f"outbox {target} (server {box.get_meta('server')})")
+            for rtype, states in counts.items():
+                click.echo(
+                    f"  {rtype:<16}" + "  ".join(f"{s} {n}" for s, n in sorted(states.items()))
+                )
+
+
+@cli.group("dead-letters")
+def dead_letters() -> None:
+    """Resources the server rejected, with its OperationOutcome."""
+
+
+@dead_letters.command("list")
+@click.option("--outbox", "path", type=click.Path(path_type=Path), default=None)
+@pass_app
+def dead_letters_list(app: AppContext, path: Path | None) -> None:
+    """One JSON line per dead letter: type, key, HTTP status, message, OperationOutcome."""
+    with user_errors(), Outbox(path or app.settings.outbox_path) as box:
+        for letter in box.dead_letters():
+            click.echo(dumps(letter))
+
+
+@dead_letters.command("retry")
+@_server_options
+@pass_app
+def dead_letters_retry(
+    app: AppContext,
+    server: str | None,
+    outbox: Path | None,
+    fhir_version: str | None,
+    auth: str | None,
+) -> None:
+    """Queue the dead letters again and send them."""
+    settings = _settings(app, server, auth, outbox, fhir_version)
+    with user_errors(), Outbox(settings.outbox_path) as box, FhirClient(settings) as client:
+        n = box.retry_dead()
+        summary = _sender(settings, box, client).run()
+        click.echo(dumps({"requeued": n, **summary.as_dict()}))
+    if summary.dead_lettered:
+        sys.exit(int(ExitCode.DATA_ERROR))
+
+
+@cli.command("test-server")
+@click.option("--port", type=int, default=8103, show_default=True)
+def test_server(port: int) -> None:
+    """Run the local in-memory FHIR R4 test server (Medplum engine) until Ctrl-C."""
+    from fhir_adapter.testserver import main as run_server
+
+    sys.exit(run_server(["--port", str(port)]))

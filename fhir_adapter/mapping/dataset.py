@@ -1,0 +1,278 @@
+"""Map a directory of source files to FHIR resources, streaming, in dependency order.
+
+Resources come out with deterministic ids and ``Type/id`` references, each referenced resource
+before the resources that refer to it: study-level resources, participants, then visits and
+observations as the rows stream by, derived values once their inputs are complete.
+Only per-visit score summaries are held in memory, never the rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from types import ModuleType
+
+from fhir_adapter.domain import (
+    AdverseEvent,
+    EligibilityScreening,
+    MasiRating,
+    Participant,
+    PgaAssessment,
+    SatisfactionResponse,
+)
+from fhir_adapter.eligibility import EligibilityResult, evaluate
+from fhir_adapter.errors import InputUnreadable
+from fhir_adapter.intake import KINDS, Intake, file_name
+from fhir_adapter.mapping import common, r4, r5
+from fhir_adapter.mapping.context import MappingContext, Resource
+from fhir_adapter.scoring import (
+    RaterScore,
+    VisitScore,
+    rater_score,
+    satisfaction_rates,
+    score_visits,
+)
+
+
+def builders(ctx: MappingContext) -> ModuleType:
+    return r4 if ctx.fhir_version == "R4" else r5
+
+
+def study_resources(ctx: MappingContext) -> list[Resource]:
+    """Resources that depend on the trial definition only."""
+    b = builders(ctx)
+    return [
+        common.to_codesystem(ctx),
+        common.to_satisfaction_measure(ctx),
+        common.to_sponsor(ctx),
+        *common.to_locations(ctx),
+        b.to_enrollment_group(ctx),
+        b.to_research_study(ctx),
+        *b.to_interventions(ctx),
+        b.to_adapter_device(ctx),
+    ]
+
+
+class DatasetMapper:
+    """Turns one directory of the eCRF export into FHIR resources (a generator)."""
+
+    def __init__(
+        self, ctx: MappingContext, intake: Intake, *, threshold: Decimal | None = None
+    ) -> None:
+        self.ctx = ctx
+        self.threshold = ctx.trial.adjudication_threshold if threshold is None else threshold
+        self.intake = intake
+        self.b = builders(ctx)
+        self.source = "study"  # the source file kind of what is being emitted
+        self._encounters: set[tuple[str, str]] = set()
+        self._practitioners: set[str] = set()
+        self.unreadable: list[str] = []
+        self.present: set[str] = {"study"}
+
+    # -- lazily emitted shared resources -------------------------------------------------
+    def _encounter(self, subject_id: str, visit: str, day: dt.date) -> Iterator[Resource]:
+        if (subject_id, visit) not in self._encounters:
+            self._encounters.add((subject_id, visit))
+            yield self.b.to_encounter(subject_id, visit, day, self.ctx)
+
+    def _practitioner(self, rater_id: str) -> Iterator[Resource]:
+        if rater_id not in self._practitioners:
+            self._practitioners.add(rater_id)
+            yield common.to_practitioner(rater_id, self.ctx)
+
+    def _read(self, directory: Path, kind: str) -> Iterator[object]:
+        path = directory / file_name(kind)
+        if not path.is_file():
+            return
+        self.source = kind
+        self.present.add(kind)
+        try:
+            yield from self.intake.read_csv(kind, path)
+        except InputUnreadable as exc:
+            if self.intake.on_issue is not None:
+                self.intake.on_issue(f"error: {exc}")
+            self.unreadable.append(path.name)
+            self.present.discard(kind)  # an unreadable file removes nothing
+
+    # -- the whole data set ---------------------------------------------------------------
+    def sourced(self, directory: Path) -> Iterator[tuple[str, Resource]]:
+        """(source, resource): the source file kind a resource is removed with (SPEC §7).
+
+        Visits and raters are shared by several files: they count as removed only when every
+        file was present (the ``shared`` source).
+        """
+        for resource in self.resources(directory):
+            shared = resource["resourceType"] in ("Encounter", "Practitioner")
+            yield ("shared" if shared else self.source), resource
+        if self.present >= {"study", *KINDS}:
+            self.present.add("shared")
+
+    def complete_sources(self) -> set[str]:
+        """Sources whose file was read whole with no rejected row: their absences are removals.
+
+        A rejected row's records would look removed; with rejects, a file removes nothing.
+        """
+        with_rejects = {
+            kind
+            for kind in KINDS
+            if (report := self.intake.reports.get(file_name(kind))) and report.rejected
+        }
+        complete = self.present - with_rejects
+        if with_rejects:
+            complete.discard("shared")
+        return complete
+
+    def resources(self, directory: Path) -> Iterator[Resource]:
+        ctx, b = self.ctx, self.b
+        if not (directory / file_name("participants")).is_file():
+            raise InputUnreadable(
+                f"{directory}: participants.csv is required (the other files refer to it)"
+            )
+        yield from study_resources(ctx)
+
+        participants = [
+            p for p in self._read(directory, "participants") if isinstance(p, Participant)
+        ]
+        results: dict[str, EligibilityResult] = {}
+        for screening in self._read(directory, "eligibility"):
+            assert isinstance(screening, EligibilityScreening)  # noqa: S101 - intake contract
+            participant = self.intake.participants.get(screening.subject_id)
+            results[screening.subject_id] = evaluate(screening, participant, ctx.trial)
+
+        self.source = "participants"
+        for p in participants:
+            yield common.to_patient(p, ctx)
+            yield b.to_consent(p, ctx)
+            yield b.to_research_subject(p, results.get(p.subject_id), ctx)
+
+        self.source = "eligibility"
+        for result in results.values():
+            yield from self._encounter(result.subject_id, common.SCREENING, result.screened_on)
+            yield common.to_eligibility_observation(result, ctx)
+            yield b.to_provenance(
+                ("Observation", common.eligibility_value(result.subject_id)),
+                [("Patient", result.subject_id)],
+                result.screened_on,
+                ["eligibility"],
+                ctx,
+            )
+
+        scores: list[tuple[str, str, RaterScore]] = []
+        for rating in self._read(directory, "masi"):
+            assert isinstance(rating, MasiRating)  # noqa: S101
+            yield from self._practitioner(rating.rater_id)
+            yield from self._encounter(rating.subject_id, rating.visit, rating.assessed_on)
+            yield common.to_rater_masi_observation(rating, ctx)
+            scores.append((rating.subject_id, rating.visit, rater_score(rating)))
+        visit_scores = score_visits(
+            scores, self.threshold, ctx.trial.visit_order, ctx.trial.baseline_visit
+        )
+        del scores
+        self.source = "masi"
+        yield from self._derived_masi(visit_scores)
+        by_visit = {(vs.subject_id, vs.visit): vs for vs in visit_scores}
+
+        for assessment in self._read(directory, "pga"):
+            assert isinstance(assessment, PgaAssessment)  # noqa: S101
+            yield from self._practitioner(assessment.rater_id)
+            yield from self._encounter(
+                assessment.subject_id, assessment.visit, assessment.assessed_on
+            )
+            vs = by_visit.get((assessment.subject_id, assessment.visit))
+            yield common.to_pga_observation(assessment, vs, ctx)
+            if vs is not None and vs.pga_from_masi is not None:
+                yield b.to_provenance(
+                    ("Observation", common.pga_value(assessment.subject_id, assessment.visit)),
+                    [("Observation", common.improvement_value(vs.subject_id, vs.visit))],
+                    max(assessment.assessed_on, common.improvement_date(vs)),
+                    ["pga-from-masi"],
+                    ctx,
+                )
+        del by_visit, visit_scores
+        self.source = "satisfaction"
+
+        responses: list[SatisfactionResponse] = []
+        for response in self._read(directory, "satisfaction"):
+            assert isinstance(response, SatisfactionResponse)  # noqa: S101
+            yield from self._encounter(response.subject_id, response.visit, response.assessed_on)
+            yield common.to_satisfaction_observation(response, ctx)
+            responses.append(response)
+        self.source = "satisfaction"
+        yield from self._satisfaction_reports(responses)
+
+        arm_of = {p.subject_id: p.arm for p in self.intake.participants.values()}
+        for event in self._read(directory, "adverse_events"):
+            assert isinstance(event, AdverseEvent)  # noqa: S101
+            if event.visit:
+                yield from self._encounter(event.subject_id, event.visit, event.onset_on)
+            yield b.to_adverse_event(event, arm_of.get(event.subject_id), ctx)
+
+    def _derived_masi(self, visit_scores: list[VisitScore]) -> Iterator[Resource]:
+        ctx, b = self.ctx, self.b
+        for vs in visit_scores:
+            recorded = common.consensus_date(vs)
+            sources = [
+                ("Observation", common.rater_masi_value(vs.subject_id, vs.visit, r))
+                for r in vs.consensus.raters
+            ]
+            masi_obs, mmasi_obs = common.to_consensus_observations(vs, ctx)
+            yield masi_obs
+            yield b.to_provenance(
+                ("Observation", common.consensus_value(vs.subject_id, vs.visit)),
+                sources,
+                recorded,
+                ["masi", "consensus"],
+                ctx,
+            )
+            yield mmasi_obs
+            yield b.to_provenance(
+                ("Observation", common.consensus_value(vs.subject_id, vs.visit, "mmasi")),
+                sources,
+                recorded,
+                ["mmasi", "consensus"],
+                ctx,
+            )
+            improvement = common.to_improvement_observation(vs, ctx)
+            if improvement is not None and vs.baseline is not None:
+                yield improvement
+                yield b.to_provenance(
+                    ("Observation", common.improvement_value(vs.subject_id, vs.visit)),
+                    [
+                        (
+                            "Observation",
+                            common.consensus_value(vs.subject_id, ctx.trial.baseline_visit),
+                        ),
+                        ("Observation", common.consensus_value(vs.subject_id, vs.visit)),
+                    ],
+                    recorded,
+                    ["improvement"],
+                    ctx,
+                )
+
+    def _satisfaction_reports(self, responses: list[SatisfactionResponse]) -> Iterator[Resource]:
+        ctx, b = self.ctx, self.b
+        arm_of = {p.subject_id: p.arm for p in self.intake.participants.values() if p.enrolled}
+        rates = satisfaction_rates(responses, arm_of, ctx.trial.visit_order)
+        for rate in rates:
+            members = [
+                r
+                for r in responses
+                if r.visit == rate.visit
+                and (rate.arm is None or arm_of.get(r.subject_id) == rate.arm)
+            ]
+            days = [r.assessed_on for r in members]
+            period = (min(days), max(days))
+            report = b.to_satisfaction_report(rate, period, ctx)
+            yield report
+            yield b.to_provenance(
+                ("MeasureReport", r4.measure_report_value(rate.visit, rate.arm)),
+                [
+                    ("Observation", common.satisfaction_value(r.subject_id, r.visit))
+                    for r in sorted(members, key=lambda r: r.subject_id)
+                ],
+                period[1],
+                ["satisfaction"],
+                ctx,
+            )

@@ -1,0 +1,382 @@
+"""R5 (5.0.0) builders for the resources whose shape differs between R4 and R5.
+
+Same public functions and signatures as :mod:`.r4`; what is identical is imported from there
+(the ResearchSubject status rule, the AE concept and severity codings, the MeasureReport group,
+Provenance). Codes spelled differently in R5 live in ``mappings/fhir.yaml`` (``adverse_event_r5``,
+``research_r5``, ``value_sets.r5`` and ``value_sets.r5_codings``). Choices, per resource:
+
+- **ResearchSubject**: ``individual`` -> ``subject``; ``status`` is the publication status
+  ``active``; the lifecycle (R4 ``status``) goes to ``progress[]``: one entry per known state,
+  ``type`` research-subject-state-type ``Enrollment``, ``subjectState`` research-subject-state
+  with the R4 tokens (candidate, eligible / ineligible, on-study, withdrawn / off-study),
+  ``startDate`` from the data (consent, screening, enrollment, withdrawal dates), ``endDate`` =
+  the next state's start. The last entry (no ``endDate``) is the current state and always equals
+  the R4 status. ``assignedArm`` / ``actualArm`` -> ``assignedComparisonGroup`` /
+  ``actualComparisonGroup`` = the arm id, the ``linkId`` of ResearchStudy.comparisonGroup;
+  ``consent`` is a list of Reference(Consent).
+- **ResearchStudy**: ``status`` = ``fhir_status_r5`` (publication status); the registry's
+  recruitment status goes to ``progressStatus.state`` (research-study-status, mapped in
+  fhir.yaml ``research_r5.study_state``); ``arm`` -> ``comparisonGroup`` (``linkId`` = arm id,
+  name, type, description); ``enrollment`` -> ``recruitment`` {targetNumber, eligibility =
+  Reference(Group)}; ``sponsor`` -> ``associatedParty`` (role ``sponsor`` of
+  research-study-party-role, party = the Organization); ``name`` = the NCT id; phase,
+  primaryPurposeType, condition, site, period unchanged.
+- **AdverseEvent**: ``event`` -> ``code``; ``date`` -> ``occurrenceDateTime`` (onset);
+  ``status`` (required) ``completed`` when ``resolved_on`` is set or the outcome says the event
+  ended (recovered, recovered with sequelae, fatal), else ``in-progress``; ``seriousness``
+  with the R5 codes ``serious`` / ``non-serious``;
+  ``severity`` (removed in R5) -> the official cross-version extension
+  ``http://hl7.org/fhir/4.0/StructureDefinition/extension-AdverseEvent.severity`` carrying the
+  same codings as R4 (severity + CTCAE grade); chosen over ``contributingFactor`` /
+  ``resultingEffect``, which mean something else (a cause, a consequence). ``outcome`` is a
+  list, THO adverse-event-outcome codes kept (R5's example value set is SNOMED CT findings
+  with no one-to-one match). ``suspectEntity.instance`` -> ``instanceReference``;
+  ``causality`` is one element whose ``entityRelatedness`` uses the R5 (lower-case) WHO-UMC
+  codes. identifier is a list in R5 (R4: a single Identifier); the id stays in meta.tag.
+- **Encounter**: ``status`` ``completed``; ``class`` a list of CodeableConcept;
+  ``period`` -> ``actualPeriod``.
+- **Consent**: ``status`` draft (no consent yet) / active / inactive (withdrawn); ``patient``
+  -> ``subject``; ``dateTime`` -> ``date`` (a date); ``decision`` ``permit`` once consented;
+  ``policy`` -> ``policyBasis.url`` (the registry record); no ``scope`` in R5.
+- **Group**: ``actual`` -> ``membership`` ``definitional``; characteristics unchanged
+  (``value[x]`` and ``exclude`` are required in R5, as emitted); ``quantity`` kept.
+- **Device**: ``deviceName`` {name, type} -> ``name`` {value, type ``user-friendly-name``};
+  ``version`` [{value}] unchanged.
+- **Substance**: ``instance`` (required) ``false`` (the product, not a lot);
+  ``code`` is a CodeableReference ``{"concept": ...}``.
+- **MeasureReport**: ``group.measureScore`` -> ``group.measureScoreQuantity``; rest unchanged.
+- **Provenance**: the elements used (target, recorded, policy, activity, agent.who,
+  entity.what/role) are unchanged in R5: the R4 builder is reused as is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from fhir_adapter.domain import AdverseEvent, Outcome, Participant
+from fhir_adapter.eligibility import EligibilityResult
+from fhir_adapter.mapping.common import SCREENING, encounter_value, sponsor_ref
+from fhir_adapter.mapping.context import MappingContext, Resource
+from fhir_adapter.mapping.r4 import (
+    ADAPTER_DEVICE,
+    _report_group,
+    _subject_period,
+    ae_event_concept,
+    group_value,
+    measure_report_value,
+    severity_coding,
+    subject_status,
+    to_provenance,
+)
+from fhir_adapter.mapping.r4 import ae_suspect_entities as _r4_suspect_entities
+from fhir_adapter.mapping.r4 import to_satisfaction_report as _r4_satisfaction_report
+from fhir_adapter.scoring import SatisfactionRate
+
+VERSION = "R5"
+
+
+def consent_policy_url(ctx: MappingContext) -> str:
+    """The registry record the consent was given under (R4 policy.uri, R5 policyBasis.url)."""
+    return f"https://clinicaltrials.gov/study/{ctx.study_value}"
+
+
+# -- study level ---------------------------------------------------------------------------
+def to_research_study(ctx: MappingContext) -> Resource:
+    study = ctx.trial.study
+    term = ctx.terminology
+    resource = ctx.base("ResearchStudy", ctx.study_value)
+    resource["identifier"].insert(0, {"system": term.system("nct"), "value": study.nct_id})
+    resource["name"] = study.nct_id
+    resource["title"] = study.title
+    resource["status"] = study.fhir_status_r5
+    resource["primaryPurposeType"] = {
+        "coding": [term.coding("research_study_purpose", study.primary_purpose, "Treatment")]
+    }
+    resource["phase"] = {"coding": [term.coding("research_study_phase", study.phase, "N/A")]}
+    resource["condition"] = [{"coding": term.condition_codings, "text": study.condition.text}]
+    if study.start_date:
+        resource["period"] = {"start": study.start_date.isoformat()}
+    resource["site"] = [ctx.ref("Location", s.id) for s in study.sites]
+    resource["associatedParty"] = [
+        {
+            "name": study.sponsor,
+            "role": {"coding": [term.coding("party_role", "sponsor", "Sponsor")]},
+            "party": sponsor_ref(ctx),
+        }
+    ]
+    state = str(term.research_r5("study_state").get(study.registry_status, study.registry_status))
+    display = term.research_r5("study_state_display").get(state)
+    resource["progressStatus"] = [
+        {
+            "state": {"coding": [term.coding("research_study_status_r5", state, display)]},
+            "actual": True,
+        }
+    ]
+    resource["recruitment"] = {
+        "targetNumber": study.target_enrollment,
+        "eligibility": ctx.ref("Group", group_value(ctx)),
+    }
+    resource["comparisonGroup"] = [
+        {
+            "linkId": arm.id,
+            "name": arm.name,
+            "type": {"coding": [term.coding("arm_type", arm.type)], "text": arm.type},
+            "description": " ".join(arm.description.split()),
+        }
+        for arm in ctx.trial.arms
+    ]
+    return resource
+
+
+def to_enrollment_group(ctx: MappingContext) -> Resource:
+    """The enrollment Group (definitional): its characteristics are the eligibility criteria."""
+    resource = ctx.base("Group", group_value(ctx))
+    resource["type"] = "person"
+    resource["membership"] = "definitional"
+    resource["name"] = f"{ctx.study_value} enrollment criteria"
+    resource["quantity"] = ctx.trial.study.target_enrollment
+    resource["characteristic"] = [
+        {
+            "code": ctx.terminology.trial_concept(c.id, " ".join(c.text.split())),
+            "valueBoolean": True,
+            "exclude": c.kind == "exclusion",
+        }
+        for c in ctx.trial.criteria
+    ]
+    return resource
+
+
+def _device_name(name: str) -> list[dict[str, str]]:
+    return [{"value": name, "type": "user-friendly-name"}]
+
+
+def to_interventions(ctx: MappingContext) -> list[Resource]:
+    """The study interventions as Substance / Device (AdverseEvent.suspectEntity targets)."""
+    resources = []
+    for item in ctx.trial.interventions:
+        if item.kind == "substance":
+            resource = ctx.base("Substance", item.id)
+            resource["instance"] = False
+            resource["status"] = "active"
+            resource["code"] = {"concept": {"text": item.name}}
+        else:
+            resource = ctx.base("Device", item.id)
+            resource["status"] = "active"
+            resource["name"] = _device_name(item.name)
+        resources.append(resource)
+    return resources
+
+
+def to_adapter_device(ctx: MappingContext) -> Resource:
+    """The adapter itself, the agent of every Provenance (its version is recorded here)."""
+    resource = ctx.base("Device", ADAPTER_DEVICE)
+    resource["status"] = "active"
+    resource["name"] = _device_name("fhir-adapter")
+    resource["version"] = [{"value": ctx.adapter_version}]
+    return resource
+
+
+# -- participants --------------------------------------------------------------------------
+def to_consent(participant: Participant, ctx: MappingContext) -> Resource:
+    term = ctx.terminology
+    resource = ctx.base("Consent", participant.subject_id)
+    consented = participant.consent_date is not None
+    if not consented:
+        status = "draft"
+    elif participant.effective_status.value == "withdrawn":
+        status = "inactive"
+    else:
+        status = "active"
+    resource["status"] = status
+    resource["category"] = [
+        {"coding": [term.coding("consent_category", "research", "Research Information Access")]}
+    ]
+    resource["subject"] = ctx.ref("Patient", participant.subject_id)
+    if participant.consent_date is not None:
+        resource["date"] = participant.consent_date.isoformat()
+    resource["policyBasis"] = {"url": consent_policy_url(ctx)}
+    if consented:
+        resource["decision"] = "permit"
+    return resource
+
+
+def _progress_steps(
+    participant: Participant, eligibility: EligibilityResult | None
+) -> list[tuple[str, dt.date | None]]:
+    """The enrollment states the data shows, in lifecycle order; the last is the current one."""
+    current = subject_status(participant, eligibility)
+    steps: list[tuple[str, dt.date | None]] = []
+    consent = participant.consent_date
+    if consent is not None and (eligibility is None or consent < eligibility.screened_on):
+        steps.append(("candidate", consent))
+    if eligibility is not None:
+        screened = eligibility.result.value
+        state = screened if screened in ("eligible", "ineligible") else "candidate"
+        if not steps or steps[-1][0] != state:  # an incomplete screening: still a candidate
+            steps.append((state, eligibility.screened_on))
+    if participant.enrolled_on is not None:
+        steps.append(("on-study", participant.enrolled_on))
+    if current == "withdrawn":
+        steps.append(("withdrawn", participant.withdrawn_on))
+    elif current == "off-study":
+        steps.append(("off-study", None))
+    if not steps or steps[-1][0] != current:
+        steps.append((current, None))
+    return steps
+
+
+def subject_progress(
+    participant: Participant, eligibility: EligibilityResult | None, ctx: MappingContext
+) -> list[dict[str, Any]]:
+    term = ctx.terminology
+    kind = term.research_r5("progress_type")
+    displays = term.research_r5("subject_state_display")
+    steps = _progress_steps(participant, eligibility)
+    progress = []
+    for i, (state, start) in enumerate(steps):
+        entry: dict[str, Any] = {
+            "type": {
+                "coding": [
+                    term.coding(
+                        "research_subject_state_type_r5", str(kind["code"]), str(kind["display"])
+                    )
+                ]
+            },
+            "subjectState": {
+                "coding": [term.coding("research_subject_state_r5", state, displays.get(state))]
+            },
+        }
+        if start is not None:
+            entry["startDate"] = start.isoformat()
+        end = steps[i + 1][1] if i + 1 < len(steps) else None
+        if end is not None:
+            entry["endDate"] = end.isoformat()
+        progress.append(entry)
+    return progress
+
+
+def to_research_subject(
+    participant: Participant, eligibility: EligibilityResult | None, ctx: MappingContext
+) -> Resource:
+    resource = ctx.base("ResearchSubject", participant.subject_id)
+    resource["status"] = "active"
+    resource["progress"] = subject_progress(participant, eligibility, ctx)
+    period = _subject_period(participant)
+    if period:
+        resource["period"] = period
+    resource["study"] = ctx.study_ref
+    resource["subject"] = ctx.ref("Patient", participant.subject_id)
+    if participant.enrolled and participant.arm:
+        resource["assignedComparisonGroup"] = participant.arm
+        resource["actualComparisonGroup"] = participant.arm
+    resource["consent"] = [ctx.ref("Consent", participant.subject_id)]
+    return resource
+
+
+def to_encounter(subject_id: str, visit: str, start: dt.date, ctx: MappingContext) -> Resource:
+    resource = ctx.base("Encounter", encounter_value(subject_id, visit))
+    resource["extension"] = [ctx.study_extension()]
+    resource["status"] = "completed"
+    resource["class"] = [{"coding": [ctx.terminology.coding("act_code", "AMB", "ambulatory")]}]
+    resource["type"] = [ctx.terminology.trial_concept(f"visit-{visit}")]
+    resource["subject"] = ctx.ref("Patient", subject_id)
+    resource["actualPeriod"] = {"start": start.isoformat()}
+    return resource
+
+
+# -- adverse events ------------------------------------------------------------------------
+_ENDED = frozenset({Outcome.RECOVERED, Outcome.RECOVERED_WITH_SEQUELAE, Outcome.FATAL})
+
+
+def ae_status(event: AdverseEvent) -> str:
+    """R5 AdverseEvent.status (required): completed once resolved (date or outcome) or fatal."""
+    if event.resolved_on is not None or event.outcome in _ENDED:
+        return "completed"
+    return "in-progress"
+
+
+def ae_severity_extension(ctx: MappingContext, grade: int) -> dict[str, Any]:
+    """R4 AdverseEvent.severity (severity + CTCAE grade) as the cross-version extension."""
+    return {
+        "url": str(ctx.terminology.ae("severity_extension", VERSION)),
+        "valueCodeableConcept": {"coding": severity_coding(ctx, grade)},
+    }
+
+
+def ae_relatedness(ctx: MappingContext, event: AdverseEvent) -> dict[str, Any]:
+    term = ctx.terminology
+    code = str(term.ae("causality", VERSION)[event.causality.value])
+    display = str(term.ae("causality_display", VERSION)[code])
+    return {
+        "coding": [term.coding("ae_causality", code, display)],
+        "text": event.causality.value.replace("_", " "),
+    }
+
+
+def ae_suspect_entities(
+    ctx: MappingContext, event: AdverseEvent, arm: str | None
+) -> list[dict[str, Any]]:
+    """The arm's study interventions (as R4 selects them), R5 shape and causality codes."""
+    return [
+        {
+            "instanceReference": entity["instance"],
+            "causality": {"entityRelatedness": ae_relatedness(ctx, event)},
+        }
+        for entity in _r4_suspect_entities(ctx, event, arm)
+    ]
+
+
+def to_adverse_event(event: AdverseEvent, arm: str | None, ctx: MappingContext) -> Resource:
+    term = ctx.terminology
+    resource = ctx.base("AdverseEvent", event.ae_id)  # R5: identifier is a list
+    resource["extension"] = [ae_severity_extension(ctx, event.grade)]
+    resource["status"] = ae_status(event)
+    resource["actuality"] = "actual"
+    resource["code"] = ae_event_concept(ctx, event)
+    resource["subject"] = ctx.ref("Patient", event.subject_id)
+    if event.visit:
+        resource["encounter"] = ctx.ref("Encounter", encounter_value(event.subject_id, event.visit))
+    resource["occurrenceDateTime"] = event.onset_on.isoformat()
+    resource["detected"] = event.onset_on.isoformat()
+    if event.reported_on:
+        resource["recordedDate"] = event.reported_on.isoformat()
+    seriousness = str(term.ae("seriousness", VERSION)[event.serious.value])
+    seriousness_display = str(term.ae("seriousness_display", VERSION)[seriousness])
+    resource["seriousness"] = {
+        "coding": [term.coding("ae_seriousness", seriousness, seriousness_display)]
+    }
+    outcome = str(term.ae("outcome", VERSION)[event.outcome.value])
+    outcome_display = str(term.ae("outcome_display", VERSION)[outcome])
+    resource["outcome"] = [{"coding": [term.coding("ae_outcome", outcome, outcome_display)]}]
+    resource["suspectEntity"] = ae_suspect_entities(ctx, event, arm)
+    resource["study"] = [ctx.study_ref]
+    return resource
+
+
+# -- derived values ------------------------------------------------------------------------
+def to_satisfaction_report(
+    rate: SatisfactionRate, period: tuple[dt.date, dt.date], ctx: MappingContext
+) -> Resource:
+    """The R4 MeasureReport with the R5 score element (measureScoreQuantity)."""
+    resource = _r4_satisfaction_report(rate, period, ctx)
+    resource["group"] = [_report_group(rate, ctx, score_key="measureScoreQuantity")]
+    return resource
+
+
+__all__ = [
+    "ADAPTER_DEVICE",
+    "SCREENING",
+    "measure_report_value",
+    "subject_status",
+    "to_adapter_device",
+    "to_adverse_event",
+    "to_consent",
+    "to_encounter",
+    "to_enrollment_group",
+    "to_interventions",
+    "to_provenance",
+    "to_research_study",
+    "to_research_subject",
+    "to_satisfaction_report",
+]

@@ -1,0 +1,132 @@
+"""Durable, exactly-once-in-effect sync of the trial data to a FHIR server (SPEC §7)."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fhir_adapter.client import FhirClient
+from fhir_adapter.intake import Intake
+from fhir_adapter.jsonout import dumpb
+from fhir_adapter.mapping.context import MappingContext, Resource
+from fhir_adapter.mapping.dataset import DatasetMapper
+from fhir_adapter.mapping.validation import ValueSetChecker, validate_structure
+from fhir_adapter.sync.engine import Sender, SendSummary
+from fhir_adapter.sync.outbox import Outbox, StageResult
+
+
+@dataclass
+class SyncResult:
+    stage: StageResult
+    send: SendSummary | None
+    rejected_rows: int
+    unreadable: list[str]
+    removed: list[tuple[str, str]] = field(default_factory=list)
+    plan: dict[str, int] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "new": self.stage.new,
+            "changed": self.stage.changed,
+            "unchanged": self.stage.unchanged,
+            "retracted": self.stage.retracted,
+            "deleted": self.stage.deleted,
+            "removed": [f"{t} {k}" for t, k in self.removed],
+            "rejected_rows": self.rejected_rows,
+            "unreadable": self.unreadable,
+        }
+        if self.send is not None:
+            out.update(self.send.as_dict())
+        if self.plan is not None:
+            out["would_send"] = self.plan
+        return out
+
+
+def _staged_items(
+    mapper: DatasetMapper, directory: Path, ctx: MappingContext
+) -> Iterator[tuple[str, Resource, bytes]]:
+    checker = ValueSetChecker(ctx.terminology, ctx.fhir_version)
+    for source, resource in mapper.sourced(directory):
+        checker.check(resource)
+        validate_structure(resource, ctx.fhir_version)
+        yield source, resource, dumpb(resource)
+
+
+def stage_directory(
+    outbox: Outbox, ctx: MappingContext, intake: Intake, directory: Path, **mapper_kw: Any
+) -> tuple[StageResult, DatasetMapper]:
+    mapper = DatasetMapper(ctx, intake, **mapper_kw)
+    result = outbox.stage(
+        _staged_items(mapper, directory, ctx), mapper.complete_sources, ctx.fhir_version
+    )
+    return result, mapper
+
+
+def sync_directory(
+    directory: Path,
+    *,
+    ctx: MappingContext,
+    intake: Intake,
+    client: FhirClient,
+    outbox_path: Path,
+    bundle_size: int,
+    identity: str = "auto",
+    dry_run: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+    **mapper_kw: Any,
+) -> SyncResult:
+    """Stage a directory into the outbox and send what changed. ``dry_run`` touches nothing."""
+    if dry_run:
+        return _dry_run(directory, ctx=ctx, intake=intake, outbox_path=outbox_path, **mapper_kw)
+    with Outbox(outbox_path) as outbox:
+        outbox.bind_server(client.base_url)
+        stage, mapper = stage_directory(outbox, ctx, intake, directory, **mapper_kw)
+        sender = Sender(
+            client,
+            outbox,
+            fhir_version=ctx.fhir_version,
+            bundle_size=bundle_size,
+            identity=identity,
+            on_progress=on_progress,
+        )
+        send = sender.run()
+    return SyncResult(
+        stage, send, intake.rejected, mapper.unreadable, list(stage.removed_keys or [])
+    )
+
+
+def _dry_run(
+    directory: Path, *, ctx: MappingContext, intake: Intake, outbox_path: Path, **mapper_kw: Any
+) -> SyncResult:
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "outbox.sqlite"
+        if outbox_path.exists():
+            source = sqlite3.connect(str(outbox_path))
+            target = sqlite3.connect(str(copy))
+            source.backup(target)
+            source.close()
+            target.close()
+        with Outbox(copy) as outbox:
+            stage, mapper = stage_directory(outbox, ctx, intake, directory, **mapper_kw)
+            plan: dict[str, int] = {}
+            for row in outbox.to_send():
+                action = (
+                    "delete"
+                    if row.state == "delete"
+                    else "update"
+                    if row.server_id
+                    else "create or match"
+                )
+                plan[f"{row.rtype} {action}"] = plan.get(f"{row.rtype} {action}", 0) + 1
+        shutil.rmtree(tmp, ignore_errors=True)
+    return SyncResult(
+        stage, None, intake.rejected, mapper.unreadable, list(stage.removed_keys or []), plan
+    )
+
+
+__all__ = ["SyncResult", "stage_directory", "sync_directory"]
