@@ -30,5 +30,8 @@ test: lint typecheck
 demo: install
 	$(BIN)/fhir-adapter demo --out $(DEMO_DIR)
 
+server: install
+	$(BIN)/fhir-adapter test-server --port 8103
+
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -122,6 +122,64 @@ def demo(app: AppContext, out: Path, seed: int) -> None:
             )
         if unreadable:
             _say(f"   unreadable: {', '.join(unreadable)}")
+        _sync_step(app, data, out)
+
+
+def _sync_step(app: AppContext, data: Path, out: Path) -> None:
+    """Start the local FHIR server, sync twice (the second sends nothing), read counts back."""
+    import time
+
+    from fhir_adapter.client import FhirClient
+    from fhir_adapter.sync import sync_directory
+    from fhir_adapter.testserver import FhirTestServer
+
+    outbox = out / "outbox.sqlite"
+    for suffix in ("", "-wal", "-shm"):  # a fresh in-memory server: start a fresh outbox
+        Path(f"{outbox}{suffix}").unlink(missing_ok=True)
+    with FhirTestServer() as server:
+        _say(f"6. started the local FHIR R4 server (Medplum engine) at {server.base_url}")
+        settings = app.settings.model_copy(
+            update={"fhir_base_url": server.base_url, "outbox_path": outbox}
+        )
+        ctx = mapping_context(app, "R4", "registry")
+        with FhirClient(settings) as client:
+            for attempt in ("first", "second"):
+                started = time.perf_counter()
+                result = sync_directory(
+                    data,
+                    ctx=ctx,
+                    intake=_fresh(app),
+                    client=client,
+                    outbox_path=outbox,
+                    bundle_size=settings.bundle_size,
+                    threshold=app.threshold(None),
+                )
+                took = time.perf_counter() - started
+                send = result.send
+                assert send is not None  # noqa: S101 - not a dry run
+                _say(
+                    f"   {attempt} sync: {send.created} created, {send.updated} updated, "
+                    f"{result.stage.unchanged} unchanged, {send.dead_lettered} dead-lettered "
+                    f"in {send.bundles} bundles, {took:.1f} s"
+                )
+            counts = {}
+            for rtype in sorted(
+                {
+                    "Patient",
+                    "ResearchSubject",
+                    "Observation",
+                    "Encounter",
+                    "AdverseEvent",
+                    "Provenance",
+                    "MeasureReport",
+                }
+            ):
+                _, bundle = client.request("GET", rtype, params={"_count": "1"})
+                counts[rtype] = bundle.get("total")
+            _say(
+                "   read back from the server: " + ", ".join(f"{t} {n}" for t, n in counts.items())
+            )
+        _say(f"   outbox: {outbox} (`fhir-adapter outbox status --outbox {outbox}`)")
 
 
 def _fresh(app: AppContext, participants_from: Intake | None = None) -> Intake:
