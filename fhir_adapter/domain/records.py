@@ -22,9 +22,9 @@ from pydantic_core import PydanticCustomError
 
 from fhir_adapter.trial import Trial
 
-# FHIR ids allow [A-Za-z0-9-.]{1,64}; business identifiers are built from these values, so keep
-# them to that alphabet and short enough to be suffixed (S001-m3-masi-R1).
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,31}$")
+# Business identifiers are built from these values (S001-m3-masi-R1): printable, no spaces or
+# separators that would break a search URL. Values outside FHIR's id alphabet get hashed ids.
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _INT_RE = re.compile(r"^[+-]?\d+$")
 _DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
@@ -44,10 +44,7 @@ def _parse_int(value: object) -> object:
         return value
     if isinstance(value, str) and _INT_RE.match(value):
         return int(value)
-    if isinstance(value, float | Decimal) and value == int(value):
-        # 3.0 in JSON: a number with no fractional part is still a whole number.
-        return int(value)
-    raise _err("int_parsing", "must be a whole number")
+    raise _err("int_parsing", "must be a whole number (e.g. 3, not 3.0 or 3.5)")
 
 
 def _parse_date(value: object) -> object:
@@ -89,7 +86,7 @@ def _parse_id(value: object) -> object:
         return value
     raise _err(
         "identifier",
-        "must be 1-32 characters of letters, digits, '-' or '.', starting with a letter or digit",
+        "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
     )
 
 

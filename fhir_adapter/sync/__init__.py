@@ -17,7 +17,7 @@ from fhir_adapter.mapping.context import MappingContext, Resource
 from fhir_adapter.mapping.dataset import DatasetMapper
 from fhir_adapter.mapping.validation import ValueSetChecker, validate_structure
 from fhir_adapter.sync.engine import Sender, SendSummary
-from fhir_adapter.sync.outbox import Outbox, StageResult
+from fhir_adapter.sync.outbox import Outbox, StageResult, content_hash
 
 
 @dataclass
@@ -48,13 +48,20 @@ class SyncResult:
 
 
 def _staged_items(
-    mapper: DatasetMapper, directory: Path, ctx: MappingContext
+    mapper: DatasetMapper, directory: Path, ctx: MappingContext, proven: set[str]
 ) -> Iterator[tuple[str, Resource, bytes]]:
+    """Validated resources with their canonical bytes.
+
+    A resource whose exact bytes already landed on the server was proven valid when it was
+    first sent: only new or changed content pays for the structural validation.
+    """
     checker = ValueSetChecker(ctx.terminology, ctx.fhir_version)
     for source, resource in mapper.sourced(directory):
-        checker.check(resource)
-        validate_structure(resource, ctx.fhir_version)
-        yield source, resource, dumpb(resource)
+        body = dumpb(resource)
+        if content_hash(body) not in proven:
+            checker.check(resource)
+            validate_structure(resource, ctx.fhir_version)
+        yield source, resource, body
 
 
 def stage_directory(
@@ -62,7 +69,9 @@ def stage_directory(
 ) -> tuple[StageResult, DatasetMapper]:
     mapper = DatasetMapper(ctx, intake, **mapper_kw)
     result = outbox.stage(
-        _staged_items(mapper, directory, ctx), mapper.complete_sources, ctx.fhir_version
+        _staged_items(mapper, directory, ctx, outbox.landed_hashes()),
+        mapper.complete_sources,
+        ctx.fhir_version,
     )
     return result, mapper
 

@@ -301,6 +301,15 @@ class Outbox:
         ).fetchone()
         return None if r is None else (r[0], str(r[1]))
 
+    def landed_hashes(self) -> set[str]:
+        """Hashes of the content the server holds (validated when it was sent)."""
+        return {
+            str(r[0])
+            for r in self.db.execute(
+                "SELECT sent_hash FROM resources WHERE state = 'sent' AND sent_hash IS NOT NULL"
+            )
+        }
+
     def blocked(self) -> int:
         """Rows waiting for a reference target that has no server id (e.g. dead-lettered)."""
         row = self.db.execute(
