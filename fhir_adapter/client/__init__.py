@@ -242,7 +242,7 @@ class FhirClient:
             response.status_code,
             payload,
             retry_after=retry_after_seconds(response.headers.get("Retry-After")),
-            what=f"for {method} {path.split('?')[0]}",
+            what=f"for {method} {path.split('?')[0] or 'transaction'}",
         )
         if error is not None:
             raise error

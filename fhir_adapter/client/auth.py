@@ -102,7 +102,12 @@ class SmartBackendAuth(AuthBase):
                     "client_assertion_type": _ASSERTION_TYPE,
                     "client_assertion": self._assertion(),
                 },
-                headers={"Accept": "application/json"},
+                # explicit: the FHIR session's Content-Type (application/fhir+json) must not
+                # label this form-encoded body
+                headers={
+                    "Accept": "application/json",
+                    "Content-Type": "application/x-www-form-urlencoded",
+                },
                 timeout=self._timeout,
             )
         except requests.RequestException as exc:

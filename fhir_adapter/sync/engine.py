@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fhir_adapter.client import Capabilities, FhirClient, retrying
-from fhir_adapter.errors import ConfigurationError, ServerRejected, ServerUnavailable
+from fhir_adapter.errors import Conflict, ConfigurationError, ServerRejected, ServerUnavailable
 from fhir_adapter.sync.outbox import Outbox, Row
 
 log = logging.getLogger(__name__)
@@ -312,18 +312,21 @@ class Sender:
 
         try:
             response = retrying(self.client.settings, attempt)
-        except ServerRejected as exc:
+        except (ServerRejected, Conflict) as exc:
             return self._rejected_whole(carried, exc)
         self.summary.bundles += 1
         self._record(carried, bundle, response)
         return True
 
-    def _rejected_whole(self, rows: list[Row], exc: ServerRejected) -> bool:
+    def _rejected_whole(self, rows: list[Row], exc: ServerRejected | Conflict) -> bool:
         """A Bundle refused as a whole (atomic servers): bisect to isolate the bad entries."""
         if len(rows) == 1:
             with self.outbox.transaction():
-                self.outbox.mark_dead(rows[0], exc.status, str(exc), exc.outcome)
-            self.summary.dead_lettered += 1
+                if isinstance(exc, Conflict):  # changed on the server: the source wins, next pass
+                    self._conflict(rows[0], exc.status)
+                else:
+                    self.outbox.mark_dead(rows[0], exc.status, str(exc), exc.outcome)
+                    self.summary.dead_lettered += 1
             return True
         with self.outbox.transaction():
             for row in rows:  # nothing of a refused Bundle was applied
@@ -333,6 +336,14 @@ class Sender:
         left = self._send_chunk(rows[:middle])
         right = self._send_chunk(rows[middle:])
         return left or right
+
+    def _conflict(self, row: Row, status: int | None) -> None:
+        """Changed on the server since we last saw it: the source wins on the next pass."""
+        self.outbox.mark_pending(row, error=f"HTTP {status}: version conflict")
+        self.outbox.db.execute(
+            "UPDATE resources SET version_id = NULL WHERE rtype = ? AND bkey = ?",
+            (row.rtype, row.bkey),
+        )
 
     def _record(self, rows: list[Row], bundle: dict[str, Any], response: dict[str, Any]) -> None:
         answers = response.get("entry", [])
@@ -359,13 +370,8 @@ class Sender:
                     self.summary.created += created
                     self.summary.updated += not created
                     self.summary.by_type[row.rtype] += 1
-                elif status == 412 or status == 409:
-                    # changed on the server since we last saw it: the source wins, next pass
-                    self.outbox.mark_pending(row, error=f"HTTP {status}: version conflict")
-                    self.outbox.db.execute(
-                        "UPDATE resources SET version_id = NULL WHERE rtype = ? AND bkey = ?",
-                        (row.rtype, row.bkey),
-                    )
+                elif status in (409, 412):
+                    self._conflict(row, status)
                 elif status in (408, 429) or status >= 500 or status == 0:
                     pass  # stays 'sending': uncertain, retried with a match on the next pass
                 else:

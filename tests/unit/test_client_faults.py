@@ -1,0 +1,436 @@
+"""Fault injection against the FHIR client (SPEC §7) with pytest-httpserver.
+
+Every case counts what the server received: retryable failures (408, 429, 502, 503, 504,
+timeouts, connection errors) are retried within the bounds, everything else is tried once and
+becomes the typed exception the status maps to, with the server's OperationOutcome text.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import tenacity
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+import fhir_adapter.client as client_module
+from fhir_adapter.client import FhirClient, retry_after_seconds
+from fhir_adapter.errors import AuthError, Conflict, ServerRejected, ServerUnavailable
+from fhir_adapter.settings import Settings
+
+BASE = "/fhir/R4"
+FHIR_JSON = "application/fhir+json"
+
+
+@pytest.fixture(scope="module")
+def make_httpserver() -> Iterator[HTTPServer]:
+    """A threaded server on 127.0.0.1: a handler sleeping past the client's read timeout must
+    not hold back the retry that follows it."""
+    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+    server.start()
+    yield server
+    server.clear()
+    if server.is_running():
+        server.stop()
+
+
+@pytest.fixture
+def no_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backoff without Retry-After is random up to seconds: make it zero (Retry-After still
+    honoured, since the client reads it before falling back to the jitter)."""
+    monkeypatch.setattr(
+        client_module, "wait_random_exponential", lambda **_kw: tenacity.wait_none()
+    )
+
+
+@pytest.fixture
+def release() -> Iterator[threading.Event]:
+    """Set at the end of a test so handlers that sleep past the read timeout finish at once."""
+    event = threading.Event()
+    yield event
+    event.set()
+    time.sleep(0.05)
+
+
+def capability_statement(fhir_version: str = "4.0.1") -> dict[str, Any]:
+    params = [
+        {"name": "identifier", "type": "token"},
+        {"name": "_tag", "type": "token"},
+    ]
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "kind": "instance",
+        "fhirVersion": fhir_version,
+        "format": ["json"],
+        "rest": [
+            {
+                "mode": "server",
+                "interaction": [{"code": "transaction"}],
+                "resource": [
+                    {
+                        "type": rtype,
+                        "interaction": [{"code": c} for c in ("read", "create", "update")],
+                        "searchParam": params,
+                    }
+                    for rtype in ("Patient", "Observation")
+                ],
+            }
+        ],
+    }
+
+
+def outcome(text: str, code: str = "invalid") -> dict[str, Any]:
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "error",
+                "code": code,
+                "details": {"text": text},
+                "expression": ["Patient.gender"],
+            }
+        ],
+    }
+
+
+def fhir(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body), status=status, headers=headers, content_type=FHIR_JSON)
+
+
+def settings(server: HTTPServer, **over: Any) -> Settings:
+    values: dict[str, Any] = {
+        "fhir_base_url": server.url_for(BASE),
+        "max_attempts": 3,
+        "max_retry_seconds": 10,
+        "connect_timeout_s": 0.5,
+        "read_timeout_s": 0.5,
+    }
+    values.update(over)
+    return Settings(**values)
+
+
+PATIENT = {"resourceType": "Patient", "id": "p1"}
+
+
+def patient_requests(server: HTTPServer) -> int:
+    return sum(1 for request, _ in server.log if request.path == f"{BASE}/Patient/p1")
+
+
+# -- Retry-After and the retryable statuses ---------------------------------------------------
+
+
+def test_429_retry_after_seconds_is_honoured(httpserver: HTTPServer) -> None:
+    path = f"{BASE}/Patient/p1"
+    httpserver.expect_ordered_request(path).respond_with_response(
+        fhir(outcome("slow down", "throttled"), 429, {"Retry-After": "1"})
+    )
+    httpserver.expect_ordered_request(path).respond_with_response(fhir(PATIENT))
+    with FhirClient(settings(httpserver)) as client:
+        start = time.monotonic()
+        assert client.read("Patient", "p1") == PATIENT
+        elapsed = time.monotonic() - start
+    assert elapsed >= 0.95
+    assert elapsed < 2.5
+    assert patient_requests(httpserver) == 2
+    httpserver.check_assertions()
+
+
+def test_429_retry_after_http_date_is_honoured(httpserver: HTTPServer) -> None:
+    calls: list[float] = []
+
+    def handler(_request: Request) -> Response:
+        calls.append(time.time())
+        if len(calls) == 1:
+            # whole seconds only: the client waits between 1 and 2 s
+            when = email.utils.formatdate(time.time() + 2, usegmt=True)
+            return fhir(outcome("slow down", "throttled"), 429, {"Retry-After": when})
+        return fhir(PATIENT)
+
+    httpserver.expect_request(f"{BASE}/Patient/p1").respond_with_handler(handler)
+    with FhirClient(settings(httpserver)) as client:
+        assert client.read("Patient", "p1") == PATIENT
+    assert len(calls) == 2
+    assert calls[1] - calls[0] >= 0.95
+
+
+def test_retry_after_parsing() -> None:
+    assert retry_after_seconds("0") == 0.0
+    assert retry_after_seconds("7") == 7.0
+    assert retry_after_seconds(None) is None
+    assert retry_after_seconds("soon") is None
+    future = retry_after_seconds(email.utils.formatdate(time.time() + 30, usegmt=True))
+    assert future is not None
+    assert 28 <= future <= 30
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+
+
+def test_retry_after_is_capped_by_max_retry_seconds(httpserver: HTTPServer) -> None:
+    path = f"{BASE}/Patient/p1"
+    httpserver.expect_ordered_request(path).respond_with_response(
+        fhir({}, 503, {"Retry-After": "3600"})
+    )
+    httpserver.expect_ordered_request(path).respond_with_response(fhir(PATIENT))
+    with FhirClient(settings(httpserver, max_retry_seconds=0.3)) as client:
+        start = time.monotonic()
+        # a one-hour hint is cut to the total retry budget (0.3 s)
+        assert client.read("Patient", "p1") == PATIENT
+        elapsed = time.monotonic() - start
+    assert 0.25 <= elapsed < 1.5
+    assert patient_requests(httpserver) == 2
+
+
+def test_503_then_success_is_retried(httpserver: HTTPServer) -> None:
+    path = f"{BASE}/Patient/p1"
+    httpserver.expect_ordered_request(path).respond_with_response(
+        fhir(outcome("maintenance", "transient"), 503, {"Retry-After": "0"})
+    )
+    httpserver.expect_ordered_request(path).respond_with_response(fhir(PATIENT))
+    with FhirClient(settings(httpserver)) as client:
+        assert client.read("Patient", "p1") == PATIENT
+        assert client.requests_sent == 2
+    assert patient_requests(httpserver) == 2
+
+
+def test_503_without_retry_after_backs_off_with_bounded_jitter(httpserver: HTTPServer) -> None:
+    path = f"{BASE}/Patient/p1"
+    httpserver.expect_ordered_request(path).respond_with_response(fhir({}, 503))
+    httpserver.expect_ordered_request(path).respond_with_response(fhir(PATIENT))
+    with FhirClient(settings(httpserver)) as client:
+        start = time.monotonic()
+        assert client.read("Patient", "p1") == PATIENT
+        # first backoff: random in [0, 0.5 s]
+        assert time.monotonic() - start < 1.5
+    assert patient_requests(httpserver) == 2
+
+
+@pytest.mark.parametrize("max_attempts", [1, 3, 4])
+def test_503_forever_gives_up_after_max_attempts(httpserver: HTTPServer, max_attempts: int) -> None:
+    httpserver.expect_request(f"{BASE}/Patient/p1").respond_with_response(
+        fhir(outcome("down", "transient"), 503, {"Retry-After": "0"})
+    )
+    with (
+        FhirClient(settings(httpserver, max_attempts=max_attempts)) as client,
+        pytest.raises(ServerUnavailable) as info,
+    ):
+        client.read("Patient", "p1")
+    assert patient_requests(httpserver) == max_attempts
+    assert info.value.status == 503
+    assert "HTTP 503" in str(info.value)
+    assert "down" in str(info.value)
+
+
+@pytest.mark.parametrize("status", [408, 429, 502, 503, 504])
+def test_each_retryable_status_is_retried(httpserver: HTTPServer, status: int) -> None:
+    path = f"{BASE}/Patient/p1"
+    httpserver.expect_ordered_request(path).respond_with_response(
+        fhir({}, status, {"Retry-After": "0"})
+    )
+    httpserver.expect_ordered_request(path).respond_with_response(fhir(PATIENT))
+    with FhirClient(settings(httpserver)) as client:
+        assert client.read("Patient", "p1") == PATIENT
+    assert patient_requests(httpserver) == 2
+
+
+def test_transaction_is_never_retried_by_the_client(httpserver: HTTPServer) -> None:
+    """A transaction POST may have landed: the sync engine, not the client, decides a retry."""
+    httpserver.expect_request(f"{BASE}/", method="POST").respond_with_response(
+        fhir({}, 503, {"Retry-After": "0"})
+    )
+    with FhirClient(settings(httpserver)) as client, pytest.raises(ServerUnavailable):
+        client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": []})
+    assert len(httpserver.log) == 1
+
+
+# -- timeouts and connection errors -------------------------------------------------------------
+
+
+def test_read_timeout_is_retried_then_succeeds(
+    httpserver: HTTPServer, no_jitter: None, release: threading.Event
+) -> None:
+    calls: list[float] = []
+    lock = threading.Lock()
+
+    def handler(_request: Request) -> Response:
+        with lock:
+            calls.append(time.monotonic())
+            first = len(calls) == 1
+        if first:
+            release.wait(2.0)  # longer than read_timeout_s
+        return fhir(PATIENT)
+
+    httpserver.expect_request(f"{BASE}/Patient/p1").respond_with_handler(handler)
+    with FhirClient(settings(httpserver)) as client:
+        start = time.monotonic()
+        assert client.read("Patient", "p1") == PATIENT
+        elapsed = time.monotonic() - start
+    assert len(calls) == 2
+    assert 0.45 <= elapsed < 1.5
+
+
+def test_read_timeout_forever_is_server_unavailable(
+    httpserver: HTTPServer, no_jitter: None, release: threading.Event
+) -> None:
+    calls: list[float] = []
+
+    def handler(_request: Request) -> Response:
+        calls.append(time.monotonic())
+        release.wait(2.0)
+        return fhir(PATIENT)
+
+    httpserver.expect_request(f"{BASE}/Patient/p1").respond_with_handler(handler)
+    with (
+        FhirClient(settings(httpserver, max_attempts=2)) as client,
+        pytest.raises(ServerUnavailable, match="timed out") as info,
+    ):
+        client.read("Patient", "p1")
+    assert len(calls) == 2
+    assert info.value.status is None
+    assert info.value.exit_code == 69
+    assert "Traceback" not in str(info.value)
+
+
+def _closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_connection_refused_is_server_unavailable_and_retried(no_jitter: None) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}{BASE}"
+    cfg = Settings(fhir_base_url=url, max_attempts=3, connect_timeout_s=0.5, read_timeout_s=0.5)
+    with FhirClient(cfg) as client:
+        with pytest.raises(ServerUnavailable, match="cannot connect") as info:
+            client.read("Patient", "p1")
+        assert client.requests_sent == 3
+    assert info.value.exit_code == 69
+    assert info.value.__cause__ is None
+
+
+# -- statuses that are never retried ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 404, 422, 500])
+def test_rejections_are_never_retried(httpserver: HTTPServer, status: int) -> None:
+    httpserver.expect_request(f"{BASE}/Patient/p1").respond_with_response(
+        fhir(outcome(f"gender code not in value set ({status})"), status, {"Retry-After": "0"})
+    )
+    with FhirClient(settings(httpserver)) as client, pytest.raises(ServerRejected) as info:
+        client.read("Patient", "p1")
+    assert type(info.value) is ServerRejected
+    assert patient_requests(httpserver) == 1
+    err = info.value
+    assert err.status == status
+    assert err.issues == [
+        f"error invalid at Patient.gender: gender code not in value set ({status})"
+    ]
+    assert f"HTTP {status}" in str(err)
+    assert f"gender code not in value set ({status})" in str(err)
+    assert err.outcome["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize("status", [409, 412])
+def test_conflicts_are_not_retried(httpserver: HTTPServer, status: int) -> None:
+    httpserver.expect_request(f"{BASE}/Patient/p1").respond_with_response(
+        fhir(outcome("version mismatch", "conflict"), status)
+    )
+    with FhirClient(settings(httpserver)) as client, pytest.raises(Conflict) as info:
+        client.read("Patient", "p1")
+    assert patient_requests(httpserver) == 1
+    assert info.value.status == status
+    assert "version mismatch" in str(info.value)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_auth_failures_are_not_retried(httpserver: HTTPServer, status: int) -> None:
+    httpserver.expect_request(f"{BASE}/Patient/p1").respond_with_response(
+        fhir(outcome("not allowed", "forbidden"), status)
+    )
+    with FhirClient(settings(httpserver)) as client, pytest.raises(AuthError) as info:
+        client.read("Patient", "p1")
+    assert patient_requests(httpserver) == 1
+    assert info.value.status == status
+    assert info.value.exit_code == 69
+
+
+def test_500_without_a_body_is_rejected_with_the_status(httpserver: HTTPServer) -> None:
+    httpserver.expect_request(f"{BASE}/Patient/p1").respond_with_data(
+        "<html>Internal Server Error</html>", status=500, content_type="text/html"
+    )
+    with FhirClient(settings(httpserver)) as client, pytest.raises(ServerRejected) as info:
+        client.read("Patient", "p1")
+    assert patient_requests(httpserver) == 1
+    assert str(info.value) == "HTTP 500 for GET Patient/p1"
+    assert info.value.issues == []
+
+
+def test_malformed_body_is_a_clear_rejection(httpserver: HTTPServer) -> None:
+    httpserver.expect_request(f"{BASE}/Patient/p1").respond_with_data(
+        "<html><body>proxy login</body></html>", status=200, content_type="text/html"
+    )
+    with FhirClient(settings(httpserver)) as client, pytest.raises(ServerRejected) as info:
+        client.read("Patient", "p1")
+    message = str(info.value)
+    assert message == "HTTP 200: the server answered with a body that is not JSON"
+    for noise in ("Traceback", "orjson", "JSONDecodeError", "line 1", "char 0"):
+        assert noise not in message
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
+    assert patient_requests(httpserver) == 1
+
+
+def test_metadata_that_is_not_a_capability_statement(httpserver: HTTPServer) -> None:
+    httpserver.expect_request(f"{BASE}/metadata").respond_with_response(fhir(PATIENT))
+    with FhirClient(settings(httpserver)) as client, pytest.raises(ServerRejected) as info:
+        client.check_version("R4")
+    assert "is not a CapabilityStatement" in str(info.value)
+
+
+# -- the CapabilityStatement check ------------------------------------------------------------
+
+
+def test_r4_server_is_accepted_and_its_search_params_read(httpserver: HTTPServer) -> None:
+    httpserver.expect_request(f"{BASE}/metadata").respond_with_response(
+        fhir(capability_statement("4.0.1"))
+    )
+    with FhirClient(settings(httpserver)) as client:
+        caps = client.check_version("R4")
+        client.check_version("R4")  # cached: one /metadata request
+    assert caps.fhir_version == "4.0.1"
+    assert caps.supports_search("Patient", "identifier")
+    assert caps.supports_search("Observation", "_tag")
+    assert not caps.supports_search("AdverseEvent", "identifier")
+    assert len(httpserver.log) == 1
+
+
+def test_fhir_5_server_is_refused_when_r4_is_configured(httpserver: HTTPServer) -> None:
+    httpserver.expect_request(f"{BASE}/metadata").respond_with_response(
+        fhir(capability_statement("5.0.0"))
+    )
+    with FhirClient(settings(httpserver)) as client, pytest.raises(ServerRejected) as info:
+        client.check_version("R4")
+    message = str(info.value)
+    assert "5.0.0" in message
+    assert "R4" in message
+    assert "refusing to write" in message
+    assert [r.method for r, _ in httpserver.log] == ["GET"]
+
+
+def test_request_headers(httpserver: HTTPServer) -> None:
+    httpserver.expect_request(
+        f"{BASE}/Patient/p1",
+        headers={"Accept": FHIR_JSON},
+    ).respond_with_response(fhir(PATIENT))
+    with FhirClient(settings(httpserver)) as client:
+        client.read("Patient", "p1")
+    request = httpserver.log[0][0]
+    assert request.headers["User-Agent"].startswith("fhir-adapter/")
+    assert "Authorization" not in request.headers
