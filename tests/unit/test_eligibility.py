@@ -100,9 +100,7 @@ def test_trial_criteria_are_the_pinned_columns_in_protocol_order() -> None:
     ],
 )
 def test_age_in_completed_years(birth: str, on: str, age: int) -> None:
-    assert (
-        age_in_completed_years(dt.date.fromisoformat(birth), dt.date.fromisoformat(on)) == age
-    )
+    assert age_in_completed_years(dt.date.fromisoformat(birth), dt.date.fromisoformat(on)) == age
 
 
 # -------------------------------------------------------------------------------- verdicts
@@ -118,7 +116,10 @@ def test_eligible() -> None:
     assert [cid for cid, _ in result.criteria] == PROTOCOL_ORDER
     assert all(state is CriterionState.MET for _, state in result.criteria)
     assert result.as_dict() == {
-        "subject_id": "S001", "result": "eligible", "failed": [], "unknown": [],
+        "subject_id": "S001",
+        "result": "eligible",
+        "failed": [],
+        "unknown": [],
     }
 
 
@@ -157,7 +158,10 @@ def test_ineligible_wins_over_incomplete_and_still_lists_unknown() -> None:
     assert result.failed == ("E4",)
     assert result.unknown == ("I5", "E13")
     assert result.as_dict() == {
-        "subject_id": "S001", "result": "ineligible", "failed": ["E4"], "unknown": ["I5", "E13"],
+        "subject_id": "S001",
+        "result": "ineligible",
+        "failed": ["E4"],
+        "unknown": ["I5", "E13"],
     }
 
 

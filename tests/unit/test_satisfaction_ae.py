@@ -119,12 +119,20 @@ def test_satisfaction_rates_per_visit_and_arm() -> None:
         response("S004", "m1", None, "60"),  # derived: satisfied
     ]
     arm_of: dict[str, str | None] = {
-        "S001": "combo", "S002": "combo", "S003": "laser", "S004": "laser", "S005": None,
+        "S001": "combo",
+        "S002": "combo",
+        "S003": "laser",
+        "S004": "laser",
+        "S005": None,
     }
     rates = satisfaction_rates(responses, arm_of, TRIAL.visit_order)
     got = {(r.visit, r.arm): r for r in rates}
     assert [(r.visit, r.arm) for r in rates] == [
-        ("m1", None), ("m1", "combo"), ("m1", "laser"), ("m3", None), ("m3", "combo"),
+        ("m1", None),
+        ("m1", "combo"),
+        ("m1", "laser"),
+        ("m3", None),
+        ("m3", "combo"),
     ]
     # m1 all arms: very_satisfied S001 + satisfied S002, S004 = 3 of 4 responses -> 75
     m1 = got[("m1", None)]
@@ -168,9 +176,7 @@ def test_satisfaction_rate_exact_thirds() -> None:
 def ae_fixture() -> tuple[list[Participant], list[AdverseEvent]]:
     participants = [
         participant("S001", "combo", "2024-09-01"),
-        participant(
-            "S002", "combo", "2024-09-01", status="withdrawn", withdrawn_on="2024-10-20"
-        ),
+        participant("S002", "combo", "2024-09-01", status="withdrawn", withdrawn_on="2024-10-20"),
         participant("S003", "combo", "2024-09-02"),
         participant("S004", "combo", "2024-09-03"),  # no events, still in the denominator
         participant("S005", "combo", None),  # screen failure: arm given but never enrolled
@@ -193,7 +199,9 @@ def ae_fixture() -> tuple[list[Participant], list[AdverseEvent]]:
 def test_ae_summary_rows_and_counts() -> None:
     rows = summarize_adverse_events(*ae_fixture())
     assert [(r.arm, r.term) for r in rows] == [
-        ("combo", "erythema"), ("combo", "itching"), ("laser", "burning"),
+        ("combo", "erythema"),
+        ("combo", "itching"),
+        ("laser", "burning"),
     ]
     erythema, itching, burning = rows
     # combo arm = S001, S002 (withdrawn, included), S003, S004 = 4; S005 never enrolled

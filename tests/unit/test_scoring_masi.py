@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 
@@ -37,6 +37,17 @@ BASELINE = TRIAL.baseline_visit
 
 Region = tuple[int, int, int]  # (D, H, A)
 ZERO: Region = (0, 0, 0)
+
+
+class Regions(TypedDict, total=False):
+    """Scores per region of one rating; a region left out scores (0, 0, 0)."""
+
+    f: Region
+    mr: Region
+    ml: Region
+    c: Region
+
+
 D = Decimal
 
 
@@ -68,22 +79,22 @@ def rating(
 # Real ratings with known MASI / mMASI, reused below.
 # MASI 10.3: 0.3*(3+2)*4 + 0.3*(2+1)*3 + 0.3*(1+1)*2 + 0.1*(2+2)*1 = 6.0+2.7+1.2+0.4 = 10.3
 # mMASI 6.2: 0.3*3*4 + 0.3*2*3 + 0.3*1*2 + 0.1*2*1 = 3.6+1.8+0.6+0.2 = 6.2
-R_10_3: dict[str, Region] = {"f": (3, 2, 4), "mr": (2, 1, 3), "ml": (1, 1, 2), "c": (2, 2, 1)}
+R_10_3: Regions = {"f": (3, 2, 4), "mr": (2, 1, 3), "ml": (1, 1, 2), "c": (2, 2, 1)}
 # MASI 8.0: 0.3*(2+2)*6 + 0.1*(2+2)*2 = 7.2+0.8; mMASI 0.3*2*6 + 0.1*2*2 = 3.6+0.4 = 4.0
-R_8_0: dict[str, Region] = {"f": (2, 2, 6), "c": (2, 2, 2)}
+R_8_0: Regions = {"f": (2, 2, 6), "c": (2, 2, 2)}
 # MASI 7.9: 0.3*(2+2)*6 + 0.1*(4+3)*1 = 7.2+0.7; mMASI 3.6 + 0.1*4*1 = 4.0
-R_7_9: dict[str, Region] = {"f": (2, 2, 6), "c": (4, 3, 1)}
+R_7_9: Regions = {"f": (2, 2, 6), "c": (4, 3, 1)}
 # MASI 5.3: 0.3*(3+2)*3 + 0.1*(4+4)*1 = 4.5+0.8; mMASI 0.3*3*3 + 0.1*4*1 = 2.7+0.4 = 3.1
-R_5_3: dict[str, Region] = {"f": (3, 2, 3), "c": (4, 4, 1)}
+R_5_3: Regions = {"f": (3, 2, 3), "c": (4, 4, 1)}
 # MASI 8.1: 0.3*(2+2)*6 + 0.1*(2+1)*3 = 7.2+0.9; mMASI 3.6 + 0.1*2*3 = 4.2
-R_8_1: dict[str, Region] = {"f": (2, 2, 6), "c": (2, 1, 3)}
+R_8_1: Regions = {"f": (2, 2, 6), "c": (2, 1, 3)}
 # MASI 10.7: 0.3*(2+2)*6 + 0.3*(3+2)*2 + 0.1*(3+2)*1 = 7.2+3.0+0.5; mMASI 3.6+1.8+0.3 = 5.7
-R_10_7: dict[str, Region] = {"f": (2, 2, 6), "mr": (3, 2, 2), "c": (3, 2, 1)}
+R_10_7: Regions = {"f": (2, 2, 6), "mr": (3, 2, 2), "c": (3, 2, 1)}
 # MASI 3.0: 0.3*(2+3)*2 = 3.0; mMASI 0.3*2*2 = 1.2
-R_3_0: dict[str, Region] = {"f": (2, 3, 2)}
+R_3_0: Regions = {"f": (2, 3, 2)}
 # MASI 3.1: 0.3*(2+3)*2 + 0.1*(1+0)*1 = 3.0+0.1; mMASI 1.2 + 0.1*1*1 = 1.3
-R_3_1: dict[str, Region] = {"f": (2, 3, 2), "c": (1, 0, 1)}
-R_0: dict[str, Region] = {}
+R_3_1: Regions = {"f": (2, 3, 2), "c": (1, 0, 1)}
+R_0: Regions = {}
 
 
 def rs(rater: str, masi: str, mmasi: str) -> RaterScore:
@@ -145,14 +156,14 @@ def test_maxima_48_and_24() -> None:
     ("region", "masi", "mmasi"),
     [
         # (D, H, A) = (1, 1, 1) in one region only: weight*(1+1)*1 and weight*1*1
-        ("f", "0.6", "0.3"),  # 0.3*2*1 = 0.6; 0.3*1*1 = 0.3
-        ("mr", "0.6", "0.3"),
-        ("ml", "0.6", "0.3"),
-        ("c", "0.2", "0.1"),  # 0.1*2*1 = 0.2; 0.1*1*1 = 0.1
+        ({"f": (1, 1, 1)}, "0.6", "0.3"),  # 0.3*2*1 = 0.6; 0.3*1*1 = 0.3
+        ({"mr": (1, 1, 1)}, "0.6", "0.3"),
+        ({"ml": (1, 1, 1)}, "0.6", "0.3"),
+        ({"c": (1, 1, 1)}, "0.2", "0.1"),  # 0.1*2*1 = 0.2; 0.1*1*1 = 0.1
     ],
 )
-def test_region_weights(region: str, masi: str, mmasi: str) -> None:
-    r = rating(**{region: (1, 1, 1)})
+def test_region_weights(region: Regions, masi: str, mmasi: str) -> None:
+    r = rating(**region)
     assert rater_masi(r) == D(masi)
     assert rater_mmasi(r) == D(mmasi)
 
@@ -185,7 +196,11 @@ def test_rater_score_carries_both_scores() -> None:
 def test_single_rater_is_preliminary() -> None:
     c = consensus([rs("R1", "10.3", "6.2")], THRESHOLD)
     assert c == Consensus(
-        D("10.3"), D("6.2"), ScoreStatus.PRELIMINARY, ConsensusMethod.SINGLE, ("R1",),
+        D("10.3"),
+        D("6.2"),
+        ScoreStatus.PRELIMINARY,
+        ConsensusMethod.SINGLE,
+        ("R1",),
         needs_adjudication=False,
     )
 
@@ -388,7 +403,7 @@ def test_improvement_repeating_decimal_rounds_to_one_place() -> None:
     ],
 )
 def test_improvement_rounds_half_away_from_zero(
-    baseline: dict[str, Region], visit: dict[str, Region], exact: str, rounded: str
+    baseline: Regions, visit: Regions, exact: str, rounded: str
 ) -> None:
     base_v, visit_v = score(rating(**baseline), rating(visit="m3", **visit))
     assert visit_v.improvement_pct == D(exact)
@@ -583,8 +598,11 @@ def test_score_visits_orders_by_subject_then_visit_order() -> None:
 def test_score_visits_uses_the_visit_order_not_the_names() -> None:
     # a trial whose visits are not in alphabetical order: baseline, m2, m1
     order = {"baseline": 0, "m2": 1, "m1": 2}
-    rows = [rating("S001", "m1", **R_5_3), rating("S001", "baseline", **R_8_0),
-            rating("S001", "m2", **R_7_9)]
+    rows = [
+        rating("S001", "m1", **R_5_3),
+        rating("S001", "baseline", **R_8_0),
+        rating("S001", "m2", **R_7_9),
+    ]
     results = score_visits(rows, THRESHOLD, order, "baseline")
     assert [v.visit for v in results] == ["baseline", "m2", "m1"]
 

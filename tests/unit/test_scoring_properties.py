@@ -46,8 +46,9 @@ rater_ids = st.one_of(
 
 
 @st.composite
-def rating_rows(draw: st.DrawFn, subject: str = "S001", visit: str = "baseline",
-                rater: str = "R1") -> dict[str, Any]:
+def rating_rows(
+    draw: st.DrawFn, subject: str = "S001", visit: str = "baseline", rater: str = "R1"
+) -> dict[str, Any]:
     row: dict[str, Any] = {
         "subject_id": subject,
         "visit": visit,
@@ -145,7 +146,9 @@ def test_consensus_between_min_and_max(scores: list[RaterScore]) -> None:
     n = len(scores)
     if n == 1:
         assert (c.method, c.status, c.needs_adjudication) == (
-            ConsensusMethod.SINGLE, ScoreStatus.PRELIMINARY, False
+            ConsensusMethod.SINGLE,
+            ScoreStatus.PRELIMINARY,
+            False,
         )
     elif n == 2:
         a, b = scores
@@ -171,7 +174,12 @@ def test_consensus_invariant_to_rater_order(data: st.DataObject, scores: list[Ra
     shuffled = data.draw(st.permutations(scores))
     a, b = consensus(scores, THRESHOLD), consensus(shuffled, THRESHOLD)
     assert (a.masi, a.mmasi, a.raters, a.method, a.status, a.needs_adjudication) == (
-        b.masi, b.mmasi, b.raters, b.method, b.status, b.needs_adjudication
+        b.masi,
+        b.mmasi,
+        b.raters,
+        b.method,
+        b.status,
+        b.needs_adjudication,
     )
 
 
@@ -219,9 +227,17 @@ def masi_files(draw: st.DrawFn) -> list[dict[str, Any]]:
 def summary(results: list[VisitScore]) -> list[tuple[object, ...]]:
     return [
         (
-            v.subject_id, v.visit, v.consensus.masi, v.consensus.mmasi, v.consensus.raters,
-            v.consensus.method, v.consensus.status, v.consensus.needs_adjudication,
-            v.improvement_pct, v.improvement_status, v.pga_from_masi,
+            v.subject_id,
+            v.visit,
+            v.consensus.masi,
+            v.consensus.mmasi,
+            v.consensus.raters,
+            v.consensus.method,
+            v.consensus.status,
+            v.consensus.needs_adjudication,
+            v.improvement_pct,
+            v.improvement_status,
+            v.pga_from_masi,
             tuple(r.rater_id for r in v.raters),
         )
         for v in results
