@@ -436,9 +436,6 @@ def to_eligibility_observation(result: EligibilityResult, ctx: MappingContext) -
         category="exam",
         effective=result.screened_on,
     )
-    resource["category"] = [
-        {"coding": [ctx.terminology.coding("observation_category", "exam", "Exam")]}
-    ]
     resource["valueCodeableConcept"] = ctx.terminology.trial_concept(result.result.value)
     resource["component"] = [
         {

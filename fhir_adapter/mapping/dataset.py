@@ -8,6 +8,7 @@ Only per-visit score summaries are held in memory, never the rows.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 from collections.abc import Iterator
 from decimal import Decimal
@@ -55,6 +56,41 @@ def study_resources(ctx: MappingContext) -> list[Resource]:
     ]
 
 
+_VISIT_DATES = (
+    ("masi", "assessed_on"),
+    ("pga", "assessed_on"),
+    ("satisfaction", "assessed_on"),
+    ("adverse_events", "onset_on"),
+)
+
+
+def first_visit_dates(directory: Path) -> dict[tuple[str, str], dt.date]:
+    """The earliest date of any record per subject x visit: the Encounter's start.
+
+    A light pass over the visit files (three columns, no validation) so that the Encounter,
+    which must precede the Observations that refer to it, starts on its earliest date whatever
+    the order of the rows. Unparsable rows are skipped here; intake reports them later.
+    """
+    dates: dict[tuple[str, str], dt.date] = {}
+    for kind, column in _VISIT_DATES:
+        path = directory / file_name(kind)
+        if not path.is_file():
+            continue
+        try:
+            with path.open(encoding="utf-8-sig", newline="") as fh:
+                for row in csv.DictReader(fh):
+                    key = ((row.get("subject_id") or "").strip(), (row.get("visit") or "").strip())
+                    try:
+                        day = dt.date.fromisoformat((row.get(column) or "").strip())
+                    except ValueError:
+                        continue
+                    if all(key) and (key not in dates or day < dates[key]):
+                        dates[key] = day
+        except (UnicodeDecodeError, csv.Error, OSError):
+            continue  # intake rejects the file with a clear message
+    return dates
+
+
 class DatasetMapper:
     """Turns one directory of the eCRF export into FHIR resources (a generator)."""
 
@@ -68,6 +104,7 @@ class DatasetMapper:
         self.source = "study"  # the source file kind of what is being emitted
         self._encounters: set[tuple[str, str]] = set()
         self._practitioners: set[str] = set()
+        self._first_dates: dict[tuple[str, str], dt.date] = {}
         self.unreadable: list[str] = []
         self.present: set[str] = {"study"}
 
@@ -75,7 +112,8 @@ class DatasetMapper:
     def _encounter(self, subject_id: str, visit: str, day: dt.date) -> Iterator[Resource]:
         if (subject_id, visit) not in self._encounters:
             self._encounters.add((subject_id, visit))
-            yield self.b.to_encounter(subject_id, visit, day, self.ctx)
+            start = min(day, self._first_dates.get((subject_id, visit), day))
+            yield self.b.to_encounter(subject_id, visit, start, self.ctx)
 
     def _practitioner(self, rater_id: str) -> Iterator[Resource]:
         if rater_id not in self._practitioners:
@@ -131,6 +169,7 @@ class DatasetMapper:
                 f"{directory}: participants.csv is required (the other files refer to it)"
             )
         yield from study_resources(ctx)
+        self._first_dates = first_visit_dates(directory)
 
         participants = [
             p for p in self._read(directory, "participants") if isinstance(p, Participant)
@@ -198,6 +237,14 @@ class DatasetMapper:
             assert isinstance(response, SatisfactionResponse)  # noqa: S101
             yield from self._encounter(response.subject_id, response.visit, response.assessed_on)
             yield common.to_satisfaction_observation(response, ctx)
+            if response.level is None:  # the level is derived from the patient's estimate
+                yield b.to_provenance(
+                    ("Observation", common.satisfaction_value(response.subject_id, response.visit)),
+                    [("Patient", response.subject_id)],
+                    response.assessed_on,
+                    ["satisfaction"],
+                    ctx,
+                )
             responses.append(response)
         self.source = "satisfaction"
         yield from self._satisfaction_reports(responses)

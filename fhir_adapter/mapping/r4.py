@@ -237,7 +237,8 @@ def to_adverse_event(event: AdverseEvent, arm: str | None, ctx: MappingContext) 
     resource["seriousness"] = {"coding": [term.coding("ae_seriousness", seriousness, seriousness)]}
     resource["severity"] = {"coding": severity_coding(ctx, event.grade)}
     outcome = str(term.ae("outcome")[event.outcome.value])
-    resource["outcome"] = {"coding": [term.coding("ae_outcome", outcome, outcome)]}
+    display = str(term.ae("outcome_display")[outcome])
+    resource["outcome"] = {"coding": [term.coding("ae_outcome", outcome, display)]}
     resource["suspectEntity"] = ae_suspect_entities(ctx, event, arm)
     resource["study"] = [ctx.study_ref]
     return resource

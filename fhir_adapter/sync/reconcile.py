@@ -54,6 +54,7 @@ def reconcile(sender: Sender, outbox: Outbox, *, repair: bool = False) -> Reconc
                 report.missing.append(label)
                 if repair:
                     outbox.mark_pending(row, forget_server=True)
+                    _requeue_referrers(outbox, rtype, row.local_id)
                     report.repaired += 1
                 continue
             if len(found) > 1:
@@ -70,11 +71,27 @@ def reconcile(sender: Sender, outbox: Outbox, *, repair: bool = False) -> Reconc
                         "WHERE rtype = ? AND bkey = ?",
                         (server_id, rtype, bkey),
                     )
+                    if server_id != row.server_id:
+                        _requeue_referrers(outbox, rtype, row.local_id)
                     report.repaired += 1
         report.extra.extend(f"{rtype} {k}" for k in sorted(held.keys() - rows.keys()))
     if repair and report.repaired:
         sender.run()
     return report
+
+
+def _requeue_referrers(outbox: Outbox, rtype: str, local_id: str) -> None:
+    """Queue again the landed resources that refer to ``rtype/local_id``.
+
+    The repaired resource gets a new server id (a re-created resource cannot keep its old one
+    on a server without update-as-create), so the references to it that were sent earlier point
+    at nothing; re-sent, they are rewritten to the new id (bodies keep local references).
+    """
+    outbox.db.execute(
+        "UPDATE resources SET state = 'pending' WHERE state = 'sent' "
+        "AND instr(CAST(body AS TEXT), ?) > 0",
+        (f'"reference":"{rtype}/{local_id}"',),
+    )
 
 
 def _tombstone_systems(outbox: Outbox, rtype: str) -> set[str]:
