@@ -56,16 +56,18 @@ def trial() -> Trial:
     return load_trial()
 
 
-def map_golden(trial: Trial, target: str = "registry") -> list[Resource]:
+def map_golden(trial: Trial, target: str = "registry", version: str = "R4") -> list[Resource]:
     ctx = MappingContext(
         trial=trial,
         terminology=Terminology(trial),
-        fhir_version="R4",
+        fhir_version=version,  # type: ignore[arg-type]
         target=target,  # type: ignore[arg-type]
         adapter_version=GOLDEN_VERSION,
     )
     intake = Intake(trial=trial, today=TODAY)
-    resources = list(validated(DatasetMapper(ctx, intake).resources(INPUT), ctx.terminology, "R4"))
+    resources = list(
+        validated(DatasetMapper(ctx, intake).resources(INPUT), ctx.terminology, version)
+    )
     assert intake.issues == [], intake.issues  # the golden input is clean: no warning either
     return resources
 
@@ -112,6 +114,33 @@ def compare(path: Path, actual: bytes) -> None:
 # -- byte-for-byte comparisons --------------------------------------------------------------------
 def test_ndjson_matches_golden(golden: list[Resource]) -> None:
     compare(NDJSON, ndjson(golden))
+
+
+def test_r5_ndjson_matches_golden(trial: Trial) -> None:
+    """The same two participants in R5 (tests/golden/r5/registry.ndjson), byte for byte."""
+    r5 = map_golden(trial, version="R5")
+    compare(GOLDEN / "r5" / "registry.ndjson", ndjson(r5))
+    by_key = {f"{r['resourceType']}/{r['id']}": r for r in r5}
+    # the R5 differences of SPEC §6, on the hand-checked participants
+    subject = by_key["ResearchSubject/S001"]
+    assert "individual" not in subject
+    assert subject["subject"] == {"reference": "Patient/S001"}
+    assert subject["progress"][-1]["subjectState"]["coding"][0]["code"] == "withdrawn"
+    study = by_key["ResearchStudy/NCT06677931"]
+    assert "arm" not in study
+    assert [g["linkId"] for g in study["comparisonGroup"]] == ["combo", "laser"]
+    assert study["recruitment"]["targetNumber"] == 60
+    ae = next(r for r in r5 if r["resourceType"] == "AdverseEvent")
+    assert "event" not in ae
+    assert "severity" not in ae
+    assert ae["status"] in ("completed", "in-progress")
+    assert "occurrenceDateTime" in ae
+    assert "code" in ae
+    # Observations are unchanged between versions
+    r4 = {f"{r['resourceType']}/{r['id']}": r for r in map_golden(trial)}
+    for key, resource in by_key.items():
+        if key.startswith("Observation/"):
+            assert resource == r4[key], key
 
 
 def test_bundles_match_golden(golden: list[Resource], tmp_path: Path) -> None:
