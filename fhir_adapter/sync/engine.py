@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fhir_adapter.client import Capabilities, FhirClient, retrying
-from fhir_adapter.errors import Conflict, ConfigurationError, ServerRejected, ServerUnavailable
+from fhir_adapter.errors import ConfigurationError, Conflict, ServerRejected, ServerUnavailable
 from fhir_adapter.sync.outbox import Outbox, Row
 
 log = logging.getLogger(__name__)

@@ -313,7 +313,8 @@ class Outbox:
     def blocked(self) -> int:
         """Rows waiting for a reference target that has no server id (e.g. dead-lettered)."""
         row = self.db.execute(
-            "SELECT COUNT(*) FROM resources WHERE state = 'pending' AND last_error LIKE 'waits for%'"
+            "SELECT COUNT(*) FROM resources "
+            "WHERE state = 'pending' AND last_error LIKE 'waits for%'"
         ).fetchone()
         return int(row[0])
 
@@ -405,10 +406,10 @@ class Outbox:
     def mark_pending(
         self, row: Row, *, forget_server: bool = False, error: str | None = None
     ) -> None:
+        forget = ", server_id = NULL, version_id = NULL" if forget_server else ""
         self.db.execute(
-            "UPDATE resources SET state = 'pending', last_error = ?"
-            + (", server_id = NULL, version_id = NULL" if forget_server else "")
-            + " WHERE rtype = ? AND bkey = ?",
+            f"UPDATE resources SET state = 'pending', last_error = ?{forget} "  # noqa: S608 - constant
+            "WHERE rtype = ? AND bkey = ?",
             (error, row.rtype, row.bkey),
         )
 
@@ -423,7 +424,8 @@ class Outbox:
                 "outcome": orjson.loads(r[4]) if r[4] else None,
             }
             for r in self.db.execute(
-                "SELECT rtype, bkey, status, message, outcome FROM dead_letters ORDER BY rtype, bkey"
+                "SELECT rtype, bkey, status, message, outcome FROM dead_letters "
+                "ORDER BY rtype, bkey"
             )
         ]
 
