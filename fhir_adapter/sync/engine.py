@@ -53,7 +53,7 @@ class SendSummary:
         return {
             "created": self.created,
             "updated": self.updated,
-            "deleted": self.deleted,
+            "deletes_sent": self.deleted,
             "dead_lettered": self.dead_lettered,
             "blocked": self.blocked,
             "bundles": self.bundles,

@@ -39,3 +39,244 @@ def fhir_reset(fhir_test_server: FhirTestServer) -> str:
 def httpserver_listen_address() -> tuple[str, int]:
     """pytest-httpserver on 127.0.0.1 (not "localhost"), on a free port."""
     return ("127.0.0.1", 0)
+
+
+# -- sync tests (test_sync.py, test_sync_crash.py) ----------------------------------------------
+# Appended for the sync integration tests: the CLI as a subprocess, a read-only view of what the
+# server holds (plain `requests`, paging followed) and of what the outbox recorded.
+
+import json  # noqa: E402
+import os  # noqa: E402
+import sqlite3  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+FHIR_ADAPTER = Path(sys.executable).with_name("fhir-adapter")
+IDENTIFIER_BASE = "urn:nct06677931:"
+FHIR_HEADERS = {"Accept": "application/fhir+json", "Content-Type": "application/fhir+json"}
+HTTP_TIMEOUT = 60
+
+
+@dataclass
+class CliResult:
+    args: list[str]
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    def __str__(self) -> str:  # shown by failing asserts
+        return (
+            f"$ {' '.join(self.args)}\nexit {self.code}\n--- stdout\n{self.stdout[-3000:]}\n"
+            f"--- stderr\n{self.stderr[-3000:]}"
+        )
+
+
+def adapter_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment without the caller's FHIR_ADAPTER_* settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_ADAPTER_")}
+    env.update(extra or {})
+    return env
+
+
+class AdapterCli:
+    """``fhir-adapter`` of this venv as a subprocess, bound to one server and one outbox file."""
+
+    def __init__(self, server: str, outbox: Path) -> None:
+        self.server = server
+        self.outbox = outbox
+
+    def argv(self, *args: str) -> list[str]:
+        return [str(FHIR_ADAPTER), *args]
+
+    def run(
+        self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 300
+    ) -> CliResult:
+        argv = self.argv(*args)
+        done = subprocess.run(
+            argv, capture_output=True, text=True, env=adapter_env(env), timeout=timeout, check=False
+        )
+        return CliResult(argv, done.returncode, done.stdout, done.stderr)
+
+    def popen(self, *args: str) -> subprocess.Popen[bytes]:
+        """Start ``fhir-adapter ARGS`` without waiting (output discarded); the caller ends it."""
+        return subprocess.Popen(
+            self.argv(*args),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=adapter_env(),
+        )
+
+    def sync_args(self, directory: Path, *extra: str, server: str | None = None) -> list[str]:
+        return [
+            "sync",
+            str(directory),
+            "--server",
+            server or self.server,
+            "--outbox",
+            str(self.outbox),
+            *extra,
+        ]
+
+    def sync(
+        self,
+        directory: Path,
+        *extra: str,
+        server: str | None = None,
+        env: Mapping[str, str] | None = None,
+        as_json: bool = True,
+    ) -> CliResult:
+        flags = ("--json",) if as_json else ()
+        return self.run(*self.sync_args(directory, *flags, *extra, server=server), env=env)
+
+    def reconcile(self, *extra: str) -> CliResult:
+        return self.run(
+            "reconcile", "--server", self.server, "--outbox", str(self.outbox), "--json", *extra
+        )
+
+    def outbox_rows(self) -> dict[tuple[str, str], tuple[str, str | None]]:
+        return outbox_rows(self.outbox)
+
+    def outbox_counts(self) -> dict[str, dict[str, int]]:
+        """``fhir-adapter outbox status --json``: {type: {state: n}}."""
+        result = self.run("outbox", "status", "--outbox", str(self.outbox), "--json")
+        assert result.code == 0, result
+        counts: dict[str, dict[str, int]] = result.json["counts"]
+        return counts
+
+
+def outbox_rows(path: Path) -> dict[tuple[str, str], tuple[str, str | None]]:
+    """(type, business key) -> (state, server id), read straight from the outbox file."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return {
+            (str(t), str(k)): (str(s), sid)
+            for t, k, s, sid in db.execute("SELECT rtype, bkey, state, server_id FROM resources")
+        }
+    finally:
+        db.close()
+
+
+def business_key(resource: Mapping[str, Any]) -> str:
+    """``system|code`` of the resource's one business-identifier tag (SPEC §6)."""
+    tags = [
+        t
+        for t in resource.get("meta", {}).get("tag", [])
+        if str(t.get("system", "")).startswith(IDENTIFIER_BASE)
+    ]
+    assert len(tags) == 1, f"{resource['resourceType']}/{resource['id']}: tags {tags}"
+    return f"{tags[0]['system']}|{tags[0]['code']}"
+
+
+class FhirView:
+    """What the FHIR server holds, read with plain HTTP (independent of the adapter's client)."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+
+    def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        url = path if path.startswith("http") else f"{self.base_url}/{path}"
+        response = requests.get(url, params=params, headers=FHIR_HEADERS, timeout=HTTP_TIMEOUT)
+        assert response.status_code == 200, f"GET {response.url}: {response.text[:500]}"
+        return response.json()
+
+    def types(self) -> list[str]:
+        """Every resource type the server's CapabilityStatement lists."""
+        statement = self.get("metadata")
+        return sorted({r["type"] for rest in statement["rest"] for r in rest["resource"]})
+
+    def count(self, rtype: str, params: Mapping[str, str] | None = None) -> int:
+        total = self.get(rtype, {**(params or {}), "_summary": "count"})["total"]
+        return int(total)
+
+    def counts(self, rtypes: list[str] | None = None) -> dict[str, int]:
+        """Non-zero counts per type (every type of the server by default)."""
+        found = {t: self.count(t) for t in (rtypes or self.types())}
+        return {t: n for t, n in found.items() if n}
+
+    def search(self, rtype: str, params: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """Every match, following ``next`` links page by page."""
+        bundle = self.get(rtype, {"_count": "1000", **(params or {})})
+        out: list[dict[str, Any]] = []
+        for _ in range(10_000):
+            out += [
+                e["resource"] for e in bundle.get("entry", []) if e["search"]["mode"] == "match"
+            ]
+            links = {link["relation"]: link["url"] for link in bundle.get("link", [])}
+            if "next" not in links:
+                return out
+            bundle = self.get(links["next"])
+        raise AssertionError(f"{rtype}: paging does not end")
+
+    def held(self, rtypes: list[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """(type, business key) -> the resources holding it (more than one is a duplicate)."""
+        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for rtype in rtypes:
+            for resource in self.search(rtype):
+                out.setdefault((rtype, business_key(resource)), []).append(resource)
+        return out
+
+    def versions(self, rtypes: list[str]) -> dict[tuple[str, str], tuple[str, str]]:
+        """(type, business key) -> (server id, versionId); asserts one resource per key."""
+        held = self.held(rtypes)
+        duplicated = {k: len(v) for k, v in held.items() if len(v) > 1}
+        assert not duplicated, f"business keys held more than once: {duplicated}"
+        return {k: (v[0]["id"], v[0]["meta"]["versionId"]) for k, v in held.items()}
+
+    def dangling_references(self, rtypes: list[str]) -> list[str]:
+        """``Type/id`` references (anywhere in the resources) that the server does not hold."""
+        resources = [r for t in rtypes for r in self.search(t)]
+        ids = {f"{r['resourceType']}/{r['id']}" for r in resources}
+        missing: list[str] = []
+
+        def walk(node: Any, owner: str) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if key == "reference" and isinstance(value, str):
+                        if value not in ids:
+                            missing.append(f"{owner} -> {value}")
+                    else:
+                        walk(value, owner)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value, owner)
+
+        for r in resources:
+            walk(r, f"{r['resourceType']} {business_key(r)}")
+        return missing
+
+
+def duplicates(held: Mapping[tuple[str, str], list[Any]]) -> dict[tuple[str, str], int]:
+    """Business keys the server holds more than once, with how often."""
+    return {k: len(v) for k, v in held.items() if len(v) > 1}
+
+
+@pytest.fixture
+def fhir_view(fhir_reset: str) -> FhirView:
+    """A read-only view of the (emptied) session server."""
+    return FhirView(fhir_reset)
+
+
+@pytest.fixture
+def adapter_cli(fhir_reset: str, tmp_path: Path) -> AdapterCli:
+    """The CLI bound to the emptied session server and a fresh outbox in ``tmp_path``."""
+    return AdapterCli(fhir_reset, tmp_path / "outbox.sqlite")
+
+
+@pytest.fixture(scope="session")
+def make_cli() -> type[AdapterCli]:
+    """``make_cli(server_url, outbox_path)``: the CLI bound to another server or outbox."""
+    return AdapterCli
+
+
+@pytest.fixture(scope="session")
+def make_view() -> type[FhirView]:
+    """``make_view(base_url)``: a read-only view of another server."""
+    return FhirView
