@@ -59,7 +59,14 @@ def to_research_study(ctx: MappingContext) -> Resource:
         resource["period"] = {"start": study.start_date.isoformat()}
     resource["sponsor"] = sponsor_ref(ctx)
     resource["site"] = [ctx.ref("Location", s.id) for s in study.sites]
-    resource["arm"] = [
+    resource["arm"] = arm_entries(ctx)
+    return resource
+
+
+def arm_entries(ctx: MappingContext) -> list[dict[str, Any]]:
+    """The arms (R4 ResearchStudy.arm; R5 comparisonGroup adds a linkId)."""
+    term = ctx.terminology
+    return [
         {
             "name": arm.name,
             "type": {"coding": [term.coding("arm_type", arm.type)], "text": arm.type},
@@ -67,14 +74,16 @@ def to_research_study(ctx: MappingContext) -> Resource:
         }
         for arm in ctx.trial.arms
     ]
-    return resource
 
 
-def to_enrollment_group(ctx: MappingContext) -> Resource:
-    """The enrollment Group: its characteristics are the eligibility criteria."""
+def enrollment_group(ctx: MappingContext, membership: dict[str, Any]) -> Resource:
+    """The enrollment Group: its characteristics are the eligibility criteria.
+
+    ``membership``: R4 ``{"actual": False}``, R5 ``{"membership": "definitional"}``.
+    """
     resource = ctx.base("Group", group_value(ctx))
     resource["type"] = "person"
-    resource["actual"] = False
+    resource.update(membership)
     resource["name"] = f"{ctx.study_value} enrollment criteria"
     resource["quantity"] = ctx.trial.study.target_enrollment
     resource["characteristic"] = [
@@ -86,6 +95,15 @@ def to_enrollment_group(ctx: MappingContext) -> Resource:
         for c in ctx.trial.criteria
     ]
     return resource
+
+
+def to_enrollment_group(ctx: MappingContext) -> Resource:
+    return enrollment_group(ctx, {"actual": False})
+
+
+def consent_policy_url(ctx: MappingContext) -> str:
+    """The registry record the consent was given under (R4 policy.uri, R5 policyBasis.url)."""
+    return f"https://clinicaltrials.gov/study/{ctx.study_value}"
 
 
 def to_interventions(ctx: MappingContext) -> list[Resource]:
@@ -131,7 +149,7 @@ def to_consent(participant: Participant, ctx: MappingContext) -> Resource:
     if participant.consent_date is not None:
         resource["dateTime"] = participant.consent_date.isoformat()
     # ppc-1: a policy or a policyRule is required
-    resource["policy"] = [{"uri": f"https://clinicaltrials.gov/study/{ctx.study_value}"}]
+    resource["policy"] = [{"uri": consent_policy_url(ctx)}]
     return resource
 
 

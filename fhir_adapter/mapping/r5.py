@@ -63,6 +63,9 @@ from fhir_adapter.mapping.r4 import (
     _report_group,
     _subject_period,
     ae_event_concept,
+    arm_entries,
+    consent_policy_url,
+    enrollment_group,
     group_value,
     measure_report_value,
     severity_coding,
@@ -74,11 +77,6 @@ from fhir_adapter.mapping.r4 import to_satisfaction_report as _r4_satisfaction_r
 from fhir_adapter.scoring import SatisfactionRate
 
 VERSION = "R5"
-
-
-def consent_policy_url(ctx: MappingContext) -> str:
-    """The registry record the consent was given under (R4 policy.uri, R5 policyBasis.url)."""
-    return f"https://clinicaltrials.gov/study/{ctx.study_value}"
 
 
 # -- study level ---------------------------------------------------------------------------
@@ -118,33 +116,14 @@ def to_research_study(ctx: MappingContext) -> Resource:
         "eligibility": ctx.ref("Group", group_value(ctx)),
     }
     resource["comparisonGroup"] = [
-        {
-            "linkId": arm.id,
-            "name": arm.name,
-            "type": {"coding": [term.coding("arm_type", arm.type)], "text": arm.type},
-            "description": " ".join(arm.description.split()),
-        }
-        for arm in ctx.trial.arms
+        {"linkId": arm.id, **entry}
+        for arm, entry in zip(ctx.trial.arms, arm_entries(ctx), strict=True)
     ]
     return resource
 
 
 def to_enrollment_group(ctx: MappingContext) -> Resource:
-    """The enrollment Group (definitional): its characteristics are the eligibility criteria."""
-    resource = ctx.base("Group", group_value(ctx))
-    resource["type"] = "person"
-    resource["membership"] = "definitional"
-    resource["name"] = f"{ctx.study_value} enrollment criteria"
-    resource["quantity"] = ctx.trial.study.target_enrollment
-    resource["characteristic"] = [
-        {
-            "code": ctx.terminology.trial_concept(c.id, " ".join(c.text.split())),
-            "valueBoolean": True,
-            "exclude": c.kind == "exclusion",
-        }
-        for c in ctx.trial.criteria
-    ]
-    return resource
+    return enrollment_group(ctx, {"membership": "definitional"})
 
 
 def _device_name(name: str) -> list[dict[str, str]]:
