@@ -217,6 +217,17 @@ def _check_visit(value: str | None, info: ValidationInfo) -> str | None:
     return value
 
 
+# (date, date it may not precede), checked in this order; the first field is the one blamed
+_DATE_ORDER = (
+    ("enrolled_on", "birth_date"),
+    ("consent_date", "birth_date"),
+    ("first_treatment_on", "enrolled_on"),
+    ("enrolled_on", "consent_date"),
+    ("withdrawn_on", "birth_date"),
+    ("withdrawn_on", "enrolled_on"),
+)
+
+
 class Participant(Record):
     kind: ClassVar[str] = "participants"
     optional_columns: ClassVar[frozenset[str]] = frozenset({"status", "mrn"})
@@ -250,30 +261,10 @@ class Participant(Record):
     def _dates_in_order(self) -> Participant:
         if self.first_treatment_on is not None and self.enrolled_on is None:
             raise _field_error("first_treatment_on", "is set but enrolled_on is empty")
-        if self.enrolled_on is not None and self.enrolled_on < self.birth_date:
-            raise _field_error("enrolled_on", "is before birth_date")
-        if self.consent_date is not None and self.consent_date < self.birth_date:
-            raise _field_error("consent_date", "is before birth_date")
-        if (
-            self.first_treatment_on is not None
-            and self.enrolled_on is not None
-            and self.first_treatment_on < self.enrolled_on
-        ):
-            raise _field_error("first_treatment_on", "is before enrolled_on")
-        if (
-            self.consent_date is not None
-            and self.enrolled_on is not None
-            and self.enrolled_on < self.consent_date
-        ):
-            raise _field_error("enrolled_on", "is before consent_date")
-        if self.withdrawn_on is not None and self.withdrawn_on < self.birth_date:
-            raise _field_error("withdrawn_on", "is before birth_date")
-        if (
-            self.withdrawn_on is not None
-            and self.enrolled_on is not None
-            and self.withdrawn_on < self.enrolled_on
-        ):
-            raise _field_error("withdrawn_on", "is before enrolled_on")
+        for later, earlier in _DATE_ORDER:
+            later_day, earlier_day = getattr(self, later), getattr(self, earlier)
+            if later_day is not None and earlier_day is not None and later_day < earlier_day:
+                raise _field_error(later, f"is before {earlier}")
         if self.status is ParticipantStatus.WITHDRAWN and self.withdrawn_on is None:
             raise _field_error("withdrawn_on", "is required when status is withdrawn")
         if self.withdrawn_on is not None and self.status not in (
