@@ -34,14 +34,22 @@ def _say(message: str) -> None:
     help="Directory for the data set, FHIR output and report.",
 )
 @click.option("--seed", type=int, default=20241028, show_default=True)
+@click.option(
+    "--participants",
+    "n_participants",
+    type=click.IntRange(2, 100000),
+    default=60,
+    show_default=True,
+    help="Enrolled participants of the synthetic set.",
+)
 @pass_app
-def demo(app: AppContext, out: Path, seed: int) -> None:
+def demo(app: AppContext, out: Path, seed: int, n_participants: int) -> None:
     """Generate the synthetic 60-participant set, validate, score, check eligibility, map."""
     from fhir_adapter.generate import generate
 
     with user_errors():
         data = out / "data"
-        summary = generate(data, seed=seed, trial=app.trial)
+        summary = generate(data, seed=seed, n_participants=n_participants, trial=app.trial)
         _say(
             f"1. generated {sum(summary.rows.values())} rows in {data} (seed {seed}); "
             f"deliberately bad files in {data / 'bad'}"

@@ -1,0 +1,81 @@
+"""`make demo` runs `fhir-adapter demo`: the whole pipeline on a synthetic set, one command."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXE = shutil.which("fhir-adapter", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.integration
+def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
+    assert EXE is not None
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [EXE, "demo", "--out", str(out), "--participants", "8"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = result.stdout
+    for step in (
+        "1. generated",
+        "2. validated",
+        "3. scored",
+        "4. eligibility",
+        "5. mapped to FHIR R4",
+        "5. mapped to FHIR R5",
+        "6. started the local FHIR",
+    ):
+        assert step in text, text
+    first = re.search(r"first sync: (\d+) created", text)
+    second = re.search(r"second sync: (\d+) created, (\d+) updated", text)
+    assert first is not None
+    assert int(first.group(1)) > 0
+    assert second is not None
+    assert second.groups() == ("0", "0")  # a re-run writes nothing
+    assert "read back from the server: AdverseEvent" in text
+    assert (out / "fhir" / "r4" / "bundles" / "bundle-0001.json").is_file()
+    assert (out / "fhir" / "r5" / "all.ndjson").is_file()
+    assert (out / "data" / "bad" / "README.md").is_file()
+
+
+@pytest.mark.integration
+def test_test_server_command_serves_metadata(tmp_path: Path) -> None:
+    """`python -m fhir_adapter.testserver` (what `fhir-adapter test-server` runs) for people."""
+    import socket
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fhir_adapter.testserver", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                r = requests.get(f"http://127.0.0.1:{port}/fhir/R4/metadata", timeout=2)
+                if r.status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.3)
+        assert r.json()["fhirVersion"] == "4.0.1"
+    finally:
+        proc.send_signal(2)  # Ctrl-C
+        output, _ = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/fhir/R4" in output
