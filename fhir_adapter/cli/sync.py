@@ -76,6 +76,15 @@ def _sender(settings: Settings, outbox: Outbox, client: FhirClient) -> Sender:
     )
 
 
+def _progress_bar() -> Any:
+    """Resources sent, on stderr when it is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc="sending", unit="resources", file=sys.stderr, leave=False)
+
+
 @cli.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @_server_options
@@ -116,18 +125,24 @@ def sync(
         version: FhirVersion = settings.fhir_version
         ctx = mapping_context(app, version, target)
         intake = Intake(trial=app.trial, today=site_today(app.timezone), on_issue=echo_err)
+        bar = _progress_bar()
         with FhirClient(settings) as client:
-            result = sync_directory(
-                directory,
-                ctx=ctx,
-                intake=intake,
-                client=client,
-                outbox_path=settings.outbox_path,
-                bundle_size=settings.bundle_size,
-                identity=settings.identity_strategy,
-                dry_run=dry_run,
-                threshold=app.threshold(None),
-            )
+            try:
+                result = sync_directory(
+                    directory,
+                    ctx=ctx,
+                    intake=intake,
+                    client=client,
+                    outbox_path=settings.outbox_path,
+                    bundle_size=settings.bundle_size,
+                    identity=settings.identity_strategy,
+                    dry_run=dry_run,
+                    threshold=app.threshold(None),
+                    on_progress=bar.update if bar is not None else None,
+                )
+            finally:
+                if bar is not None:
+                    bar.close()
         summary = result.as_dict()
         if as_json:
             click.echo(dumps(summary))
