@@ -72,7 +72,7 @@ def demo(app: AppContext, out: Path, seed: int, n_participants: int) -> None:
         scores = score_visits(
             (
                 r
-                for r in _fresh(app).read_csv("masi", data / "masi.csv")
+                for r in _fresh(app, intake).read_csv("masi", data / "masi.csv")
                 if isinstance(r, MasiRating)
             ),
             app.threshold(None),

@@ -36,6 +36,10 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
         "6. started the local FHIR",
     ):
         assert step in text, text
+    scored = re.search(r"3\. scored (\d+) subject x visits: .*mean-of-2 (\d+)", text)
+    assert scored is not None, text
+    assert int(scored.group(1)) > 8  # 8 participants x up to 9 visits
+    assert "mean MASI improvement at m8, arm combo" in text
     first = re.search(r"first sync: (\d+) created", text)
     second = re.search(r"second sync: (\d+) created, (\d+) updated", text)
     assert first is not None
