@@ -124,6 +124,7 @@ class Sender:
         self.on_progress = on_progress
         self.summary = SendSummary()
         self._strategies: dict[str, Strategy] = {}
+        self._server_ids: dict[str, str] | None = None
 
     # -- identity ----------------------------------------------------------------------------
     def strategy(self, rtype: str) -> Strategy:
@@ -264,13 +265,15 @@ class Sender:
         match = _REFERENCE.match(reference)
         if not match:
             return reference
-        rtype, local_id = match.groups()
+        rtype = match.group(1)
         if self.strategy(rtype) == "client-id":
             return reference
-        known = self.outbox.server_ref(rtype, local_id)
-        if known is None or known[0] is None:
+        if self._server_ids is None:
+            self._server_ids = self.outbox.server_ids()
+        server_id = self._server_ids.get(reference)
+        if server_id is None:
             raise _Unresolved(reference)
-        return f"{rtype}/{known[0]}"
+        return f"{rtype}/{server_id}"
 
     # -- sending -----------------------------------------------------------------------------
     def run(self) -> SendSummary:
@@ -282,6 +285,7 @@ class Sender:
             if not rows:
                 break
             self.learn(rows)
+            self._server_ids = None  # "Type/local id" -> server id, loaded once per pass
             blocked_before = self.summary.blocked
             progressed = False
             for start in range(0, len(rows), self.bundle_size):
@@ -356,6 +360,8 @@ class Sender:
                 if 200 <= status < 300 or (method == "DELETE" and status in (404, 410)):
                     if method == "DELETE":
                         self.outbox.mark_deleted(row)
+                        if self._server_ids is not None:
+                            self._server_ids.pop(f"{row.rtype}/{row.local_id}", None)
                         self.summary.deleted += 1
                         continue
                     server_id, version = _location(answer)
@@ -366,6 +372,8 @@ class Sender:
                         self.outbox.mark_pending(row, error="answer without a location")
                         continue
                     self.outbox.mark_sent(row, server_id, version)
+                    if self._server_ids is not None:
+                        self._server_ids[f"{row.rtype}/{row.local_id}"] = server_id
                     created = status == 201
                     self.summary.created += created
                     self.summary.updated += not created

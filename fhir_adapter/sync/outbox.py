@@ -293,14 +293,6 @@ class Outbox:
             )
         ]
 
-    def server_ref(self, rtype: str, local_id: str) -> tuple[str | None, str] | None:
-        """(server id, state) of the resource with this local id, if the outbox has it."""
-        r = self.db.execute(
-            "SELECT server_id, state FROM resources WHERE rtype = ? AND local_id = ?",
-            (rtype, local_id),
-        ).fetchone()
-        return None if r is None else (r[0], str(r[1]))
-
     def landed_hashes(self) -> set[str]:
         """Hashes of the content the server holds (validated when it was sent)."""
         return {
@@ -317,6 +309,16 @@ class Outbox:
             "WHERE state = 'pending' AND last_error LIKE 'waits for%'"
         ).fetchone()
         return int(row[0])
+
+    def server_ids(self) -> dict[str, str]:
+        """``Type/local id`` -> server id of every resource the server holds (references)."""
+        return {
+            f"{r[0]}/{r[1]}": str(r[2])
+            for r in self.db.execute(
+                "SELECT rtype, local_id, server_id FROM resources "
+                "WHERE server_id IS NOT NULL AND state NOT IN ('tombstone', 'delete')"
+            )
+        }
 
     def counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
