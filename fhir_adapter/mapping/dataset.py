@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 from fhir_adapter.domain import (
     AdverseEvent,
@@ -23,6 +24,7 @@ from fhir_adapter.domain import (
     PgaAssessment,
     SatisfactionResponse,
 )
+from fhir_adapter.domain.records import Record
 from fhir_adapter.eligibility import EligibilityResult, evaluate
 from fhir_adapter.errors import InputUnreadable
 from fhir_adapter.intake import KINDS, Intake, file_name
@@ -91,6 +93,9 @@ def first_visit_dates(directory: Path) -> dict[tuple[str, str], dt.date]:
     return dates
 
 
+R = TypeVar("R", bound=Record)
+
+
 class DatasetMapper:
     """Turns one directory of the eCRF export into FHIR resources (a generator)."""
 
@@ -120,14 +125,16 @@ class DatasetMapper:
             self._practitioners.add(rater_id)
             yield common.to_practitioner(rater_id, self.ctx)
 
-    def _read(self, directory: Path, kind: str) -> Iterator[object]:
+    def _read(self, directory: Path, kind: str, model: type[R]) -> Iterator[R]:
         path = directory / file_name(kind)
         if not path.is_file():
             return
         self.source = kind
         self.present.add(kind)
         try:
-            yield from self.intake.read_csv(kind, path)
+            for record in self.intake.read_csv(kind, path):
+                if isinstance(record, model):  # always: KINDS[kind] is model
+                    yield record
         except InputUnreadable as exc:
             if self.intake.on_issue is not None:
                 self.intake.on_issue(f"error: {exc}")
@@ -171,12 +178,9 @@ class DatasetMapper:
         yield from study_resources(ctx)
         self._first_dates = first_visit_dates(directory)
 
-        participants = [
-            p for p in self._read(directory, "participants") if isinstance(p, Participant)
-        ]
+        participants = list(self._read(directory, "participants", Participant))
         results: dict[str, EligibilityResult] = {}
-        for screening in self._read(directory, "eligibility"):
-            assert isinstance(screening, EligibilityScreening)  # noqa: S101 - intake contract
+        for screening in self._read(directory, "eligibility", EligibilityScreening):
             participant = self.intake.participants.get(screening.subject_id)
             results[screening.subject_id] = evaluate(screening, participant, ctx.trial)
 
@@ -199,8 +203,7 @@ class DatasetMapper:
             )
 
         scores: list[tuple[str, str, RaterScore]] = []
-        for rating in self._read(directory, "masi"):
-            assert isinstance(rating, MasiRating)  # noqa: S101
+        for rating in self._read(directory, "masi", MasiRating):
             yield from self._practitioner(rating.rater_id)
             yield from self._encounter(rating.subject_id, rating.visit, rating.assessed_on)
             yield common.to_rater_masi_observation(rating, ctx)
@@ -213,8 +216,7 @@ class DatasetMapper:
         yield from self._derived_masi(visit_scores)
         by_visit = {(vs.subject_id, vs.visit): vs for vs in visit_scores}
 
-        for assessment in self._read(directory, "pga"):
-            assert isinstance(assessment, PgaAssessment)  # noqa: S101
+        for assessment in self._read(directory, "pga", PgaAssessment):
             yield from self._practitioner(assessment.rater_id)
             yield from self._encounter(
                 assessment.subject_id, assessment.visit, assessment.assessed_on
@@ -233,8 +235,7 @@ class DatasetMapper:
         self.source = "satisfaction"
 
         responses: list[SatisfactionResponse] = []
-        for response in self._read(directory, "satisfaction"):
-            assert isinstance(response, SatisfactionResponse)  # noqa: S101
+        for response in self._read(directory, "satisfaction", SatisfactionResponse):
             yield from self._encounter(response.subject_id, response.visit, response.assessed_on)
             yield common.to_satisfaction_observation(response, ctx)
             if response.level is None:  # the level is derived from the patient's estimate
@@ -250,8 +251,7 @@ class DatasetMapper:
         yield from self._satisfaction_reports(responses)
 
         arm_of = {p.subject_id: p.arm for p in self.intake.participants.values()}
-        for event in self._read(directory, "adverse_events"):
-            assert isinstance(event, AdverseEvent)  # noqa: S101
+        for event in self._read(directory, "adverse_events", AdverseEvent):
             if event.visit:
                 yield from self._encounter(event.subject_id, event.visit, event.onset_on)
             yield b.to_adverse_event(event, arm_of.get(event.subject_id), ctx)

@@ -104,9 +104,7 @@ def sync_directory(
             on_progress=on_progress,
         )
         send = sender.run()
-    return SyncResult(
-        stage, send, intake.rejected, mapper.unreadable, list(stage.removed_keys or [])
-    )
+    return SyncResult(stage, send, intake.rejected, mapper.unreadable, list(stage.removed_keys))
 
 
 def _dry_run(
@@ -134,7 +132,7 @@ def _dry_run(
                 plan[f"{row.rtype} {action}"] = plan.get(f"{row.rtype} {action}", 0) + 1
         shutil.rmtree(tmp, ignore_errors=True)
     return SyncResult(
-        stage, None, intake.rejected, mapper.unreadable, list(stage.removed_keys or []), plan
+        stage, None, intake.rejected, mapper.unreadable, list(stage.removed_keys), plan
     )
 
 

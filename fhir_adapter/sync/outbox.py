@@ -19,7 +19,7 @@ import hashlib
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ class StageResult:
     unchanged: int = 0
     retracted: int = 0
     deleted: int = 0
-    removed_keys: list[tuple[str, str]] | None = None
+    removed_keys: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Outbox:
@@ -182,7 +182,7 @@ class Outbox:
         A record is removed when its source file was present in this run and it was not
         emitted: retracted (entered-in-error) where the type has that status, else deleted.
         """
-        result = StageResult(removed_keys=[])
+        result = StageResult()
         existing = {
             (r[0], r[1]): (r[2], r[3], r[4])
             for r in self.db.execute("SELECT rtype, bkey, hash, state, sent_hash FROM resources")
@@ -255,7 +255,6 @@ class Outbox:
             if row.state in ("tombstone", "delete") or row.retracted:
                 continue
             seq += 1
-            assert result.removed_keys is not None  # noqa: S101
             result.removed_keys.append((rtype, bkey))
             if rtype in retractable:
                 resource = row.resource
