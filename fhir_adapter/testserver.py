@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {exc}\n")
         server.close()
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while it was still starting
+        server.close()
+        return 130
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     sys.stdout.write(
