@@ -332,10 +332,6 @@ def to_consensus_observations(vs: VisitScore, ctx: MappingContext) -> list[Resou
     ]
 
 
-def improvement_date(vs: VisitScore) -> dt.date:
-    return consensus_date(vs)
-
-
 def to_improvement_observation(vs: VisitScore, ctx: MappingContext) -> Resource | None:
     """MASI improvement (%) at a follow-up visit; None at baseline or without a baseline."""
     if vs.improvement_rounded is None or vs.improvement_status is None:
@@ -348,7 +344,7 @@ def to_improvement_observation(vs: VisitScore, ctx: MappingContext) -> Resource 
         encounter=encounter_value(vs.subject_id, vs.visit),
         status=vs.improvement_status.value,
         category="exam",
-        effective=improvement_date(vs),
+        effective=consensus_date(vs),
     )
     resource["valueQuantity"] = percent_quantity(ctx, vs.improvement_rounded)
     resource["derivedFrom"] = [

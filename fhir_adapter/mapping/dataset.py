@@ -227,7 +227,7 @@ class DatasetMapper:
                 yield b.to_provenance(
                     ("Observation", common.pga_value(assessment.subject_id, assessment.visit)),
                     [("Observation", common.improvement_value(vs.subject_id, vs.visit))],
-                    max(assessment.assessed_on, common.improvement_date(vs)),
+                    max(assessment.assessed_on, common.consensus_date(vs)),
                     ["pga-from-masi"],
                     ctx,
                 )
