@@ -381,7 +381,8 @@ class Outbox:
 
     def mark_deleted(self, row: Row) -> None:
         self.db.execute(
-            "UPDATE resources SET state = 'tombstone', version_id = NULL, sent_hash = NULL "
+            "UPDATE resources SET state = 'tombstone', server_id = NULL, version_id = NULL, "
+            "sent_hash = NULL "
             "WHERE rtype = ? AND bkey = ?",
             (row.rtype, row.bkey),
         )

@@ -440,6 +440,19 @@ def test_removed_rows_retracted_or_deleted_and_rejects_remove_nothing(
     assert again["deleted"] == 0
     assert fhir_view.versions(types) == settled
 
+    # 4. the rows come back: the AE is created again (once), the Observation is final again
+    masi_path.write_text(original_masi, encoding="utf-8")
+    with ae_path.open("a", encoding="utf-8", newline="") as fh:
+        csv.DictWriter(fh, fieldnames=list(event), lineterminator="\n").writerow(event)
+    restored = summary_of(adapter_cli.sync(data))
+    assert restored["dead_lettered"] == 0
+    assert restored["created"] == 1  # the AdverseEvent (a deleted resource is not reused)
+    back = fhir_view.search("AdverseEvent", {"_tag": event_key[1]})
+    assert len(back) == 1
+    obs = fhir_view.get(f"Observation/{first[gone_key][0]}")
+    assert obs["status"] == "final"
+    assert fhir_view.counts() == counts
+
 
 def test_reconcile_finds_and_repairs_a_resource_deleted_on_the_server(
     adapter_cli: AdapterCli, fhir_view: FhirView, data: Path
