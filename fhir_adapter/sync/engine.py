@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fhir_adapter.client import Capabilities, FhirClient, retrying
+from fhir_adapter.client import Capabilities, FhirClient, error_for_status, retrying
 from fhir_adapter.errors import ConfigurationError, Conflict, ServerRejected, ServerUnavailable
 from fhir_adapter.sync.outbox import Outbox, Row
 
@@ -378,14 +378,12 @@ class Sender:
                     self.summary.created += created
                     self.summary.updated += not created
                     self.summary.by_type[row.rtype] += 1
-                elif status in (409, 412):
+                elif status in (409, 412) and method != "DELETE":
                     self._conflict(row, status)
                 elif status in (408, 429) or status >= 500 or status == 0:
                     pass  # stays 'sending': uncertain, retried with a match on the next pass
                 else:
                     outcome = answer.get("outcome")
-                    from fhir_adapter.client import error_for_status
-
                     err = error_for_status(status, outcome, what=f"for {row.rtype} {row.bkey}")
                     self.outbox.mark_dead(row, status, str(err), outcome)
                     self.summary.dead_lettered += 1

@@ -376,3 +376,41 @@ def test_fhir_5_server_is_refused_and_nothing_written(
     assert "is R4" in message
     assert "refusing to write" in message
     assert [(r.method, r.path) for r, _ in httpserver.log] == [("GET", f"{BASE}/metadata")]
+
+
+def test_a_refused_delete_is_dead_lettered_not_resent(
+    httpserver: HTTPServer, tmp_path: Path
+) -> None:
+    """A server that refuses to delete (e.g. HAPI's referential integrity, 409) keeps the
+    resource: the removal is dead-lettered with the server's reason, never turned into a PUT."""
+    keys = ["S001", "S002"]
+
+    def transaction(bundle: dict[str, Any], number: int) -> Response:
+        answers = []
+        for entry in bundle["entry"]:
+            if entry["request"]["method"] == "DELETE":
+                body = {"status": "409 Conflict", "outcome": outcome("referenced by Observation")}
+                answers.append({"response": body})
+            else:
+                answers.append(created(entry))
+        return fhir(bundle_response(answers))
+
+    fake = FakeServer(httpserver, transaction)
+    cfg = settings(httpserver, tmp_path)
+    outbox = staged_outbox(cfg.outbox_path, keys)
+    sync(cfg, outbox)
+    # S002 is no longer in participants.csv, which was read whole
+    staged = outbox.stage(
+        [("participants.csv", patient("S001"), dumpb(patient("S001")))],
+        lambda: {"participants.csv"},
+    )
+    assert (staged.deleted, staged.removed_keys) == (1, [("Patient", f"{SYSTEM}|S002")])
+    summary = sync(cfg, outbox)
+    assert summary.dead_lettered == 1
+    methods = [e["request"]["method"] for b in fake.bundles[1:] for e in b["entry"]]
+    assert methods == ["DELETE"]  # one DELETE, no PUT of the removed resource
+    row = outbox.row("Patient", f"{SYSTEM}|S002")
+    assert row is not None
+    assert row.state == "dead"
+    (letter,) = outbox.dead_letters()
+    assert "referenced by Observation" in letter["message"]
