@@ -13,7 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -88,6 +88,13 @@ class Settings(BaseSettings):
     deid_key: SecretStr | None = None
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+    @model_validator(mode="after")
+    def _mrn_outside_the_trial(self) -> Settings:
+        # the hospital MRN is the hospital's identifier, never one of the trial's (SPEC §6)
+        if self.mrn_system.startswith(self.identifier_base):
+            raise ValueError("mrn_system must not lie under identifier_base")
+        return self
 
     @classmethod
     def settings_customise_sources(

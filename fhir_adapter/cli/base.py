@@ -111,12 +111,13 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
 
 def _settings_problem(exc: Exception) -> str:
     errors = getattr(exc, "errors", None)
-    if callable(errors):
-        return "; ".join(
-            f"FHIR_ADAPTER_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-            for e in errors(include_input=False, include_url=False)
-        )
-    return exc.__class__.__name__
+    if not callable(errors):
+        return exc.__class__.__name__
+    problems = []
+    for e in errors(include_input=False, include_url=False):
+        name = "_".join(str(p) for p in e["loc"]).upper()
+        problems.append(f"FHIR_ADAPTER_{name}: {e['msg']}" if name else str(e["msg"]))
+    return "; ".join(problems)
 
 
 pass_app = click.make_pass_decorator(AppContext)

@@ -100,3 +100,13 @@ def test_cli_reports_a_broken_mapping_without_traceback(
     assert result.exit_code == 66
     assert "visits.1.offset_days: Field required" in result.output
     assert "Traceback" not in result.output
+
+
+def test_mrn_system_may_not_lie_under_the_trial_base(tmp_path: Path) -> None:
+    import pydantic
+
+    from fhir_adapter.settings import Settings
+
+    with pytest.raises(pydantic.ValidationError, match="mrn_system must not lie under"):
+        Settings(mrn_system="urn:nct06677931:mrn")
+    assert Settings(mrn_system="urn:oid:1.2.156.1").mrn_system == "urn:oid:1.2.156.1"
