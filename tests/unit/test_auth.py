@@ -9,7 +9,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jwt
@@ -29,16 +28,6 @@ CLIENT_ID = "fhir-adapter-test-client"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 BEARER = "SECRET-TOKEN-123"
 PATIENT = {"resourceType": "Patient", "id": "p1"}
-
-
-@pytest.fixture(scope="module")
-def make_httpserver() -> Iterator[HTTPServer]:
-    server = HTTPServer(host="127.0.0.1", port=0)
-    server.start()
-    yield server
-    server.clear()
-    if server.is_running():
-        server.stop()
 
 
 @pytest.fixture(scope="module")

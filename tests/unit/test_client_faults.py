@@ -12,79 +12,19 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import tenacity
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-import fhir_adapter.client as client_module
 from fhir_adapter.client import FhirClient, retry_after_seconds
 from fhir_adapter.errors import AuthError, Conflict, ServerRejected, ServerUnavailable
 from fhir_adapter.settings import Settings
+from tests.fakes import capability_statement
 
 BASE = "/fhir/R4"
 FHIR_JSON = "application/fhir+json"
-
-
-@pytest.fixture(scope="module")
-def make_httpserver() -> Iterator[HTTPServer]:
-    """A threaded server on 127.0.0.1: a handler sleeping past the client's read timeout must
-    not hold back the retry that follows it."""
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    yield server
-    server.clear()
-    if server.is_running():
-        server.stop()
-
-
-@pytest.fixture
-def no_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Backoff without Retry-After is random up to seconds: make it zero (Retry-After still
-    honoured, since the client reads it before falling back to the jitter)."""
-    monkeypatch.setattr(
-        client_module, "wait_random_exponential", lambda **_kw: tenacity.wait_none()
-    )
-
-
-@pytest.fixture
-def release() -> Iterator[threading.Event]:
-    """Set at the end of a test so handlers that sleep past the read timeout finish at once."""
-    event = threading.Event()
-    yield event
-    event.set()
-    time.sleep(0.05)
-
-
-def capability_statement(fhir_version: str = "4.0.1") -> dict[str, Any]:
-    params = [
-        {"name": "identifier", "type": "token"},
-        {"name": "_tag", "type": "token"},
-    ]
-    return {
-        "resourceType": "CapabilityStatement",
-        "status": "active",
-        "kind": "instance",
-        "fhirVersion": fhir_version,
-        "format": ["json"],
-        "rest": [
-            {
-                "mode": "server",
-                "interaction": [{"code": "transaction"}],
-                "resource": [
-                    {
-                        "type": rtype,
-                        "interaction": [{"code": c} for c in ("read", "create", "update")],
-                        "searchParam": params,
-                    }
-                    for rtype in ("Patient", "Observation")
-                ],
-            }
-        ],
-    }
 
 
 def outcome(text: str, code: str = "invalid") -> dict[str, Any]:

@@ -8,80 +8,29 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tenacity
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-import fhir_adapter.client as client_module
 from fhir_adapter.client import FhirClient
 from fhir_adapter.errors import ServerRejected, ServerUnavailable
 from fhir_adapter.jsonout import dumpb
 from fhir_adapter.settings import Settings
 from fhir_adapter.sync.engine import Sender
 from fhir_adapter.sync.outbox import Outbox
+from tests.fakes import capability_statement
+
+pytestmark = pytest.mark.usefixtures("no_jitter")
 
 BASE = "/fhir/R4"
 FHIR_JSON = "application/fhir+json"
 SYSTEM = "urn:nct06677931:patient"
 BAD = "S003"
 BAD_TEXT = "Patient.gender: value 'bogus' is not in the value set AdministrativeGender"
-
-
-@pytest.fixture(scope="module")
-def make_httpserver() -> Iterator[HTTPServer]:
-    """Threaded: the retry after a read timeout is served while the first handler still sleeps."""
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    yield server
-    server.clear()
-    if server.is_running():
-        server.stop()
-
-
-@pytest.fixture(autouse=True)
-def no_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        client_module, "wait_random_exponential", lambda **_kw: tenacity.wait_none()
-    )
-
-
-@pytest.fixture
-def release() -> Iterator[threading.Event]:
-    event = threading.Event()
-    yield event
-    event.set()
-    time.sleep(0.05)
-
-
-def capability_statement(fhir_version: str = "4.0.1") -> dict[str, Any]:
-    params = [{"name": "identifier", "type": "token"}, {"name": "_tag", "type": "token"}]
-    return {
-        "resourceType": "CapabilityStatement",
-        "status": "active",
-        "kind": "instance",
-        "fhirVersion": fhir_version,
-        "format": ["json"],
-        "rest": [
-            {
-                "mode": "server",
-                "interaction": [{"code": "transaction"}],
-                "resource": [
-                    {
-                        "type": rtype,
-                        "interaction": [{"code": c} for c in ("read", "create", "update")],
-                        "searchParam": params,
-                    }
-                    for rtype in ("Patient", "Observation")
-                ],
-            }
-        ],
-    }
 
 
 def patient(key: str) -> dict[str, Any]:
