@@ -140,36 +140,23 @@ class Sender:
         """(business key, server id, version) of every resource the server holds in ``system``."""
         param = self._search_param(rtype)
         for resource in self.client.search_all(rtype, {param: f"{system}|", "_count": "1000"}):
-            values = (
-                [
-                    i.get("value")
-                    for i in resource.get("identifier", [])
-                    if i.get("system") == system
-                ]
-                if param == "identifier" and rtype != "AdverseEvent"
-                else [
-                    t.get("code")
-                    for t in resource.get("meta", {}).get("tag", [])
-                    if t.get("system") == system
-                ]
-            )
-            if rtype == "AdverseEvent" and param == "identifier":
-                ident = resource.get("identifier") or {}
-                values = [ident.get("value")] if ident.get("system") == system else []
             version = resource.get("meta", {}).get("versionId")
-            for value in values:
-                if value:
-                    yield f"{system}|{value}", str(resource["id"]), version
+            for value in _business_values(resource, param, system):
+                yield f"{system}|{value}", str(resource["id"]), version
 
     def learn(self, rows: list[Row]) -> None:
         """One paged search per type whose resources the server may already hold."""
         wanted: dict[str, set[str]] = {}
+        learned: dict[str, bool] = {}
         for row in rows:
-            if row.server_id is None and row.state != "delete":
-                if self.strategy(row.rtype) == "client-id":
-                    continue
-                if row.state == "sending" or not self.outbox.learned(row.rtype):
-                    wanted.setdefault(row.rtype, set()).add(row.bkey.split("|", 1)[0])
+            if row.server_id is not None or row.state == "delete":
+                continue
+            if self.strategy(row.rtype) == "client-id":
+                continue
+            if row.rtype not in learned:
+                learned[row.rtype] = self.outbox.learned(row.rtype)
+            if row.state == "sending" or not learned[row.rtype]:
+                wanted.setdefault(row.rtype, set()).add(row.bkey.split("|", 1)[0])
         for rtype, systems in sorted(wanted.items()):
             found: dict[str, tuple[str, str | None]] = {}
             for system in sorted(systems):
@@ -392,6 +379,22 @@ class Sender:
 
 class _Unresolved(Exception):
     pass
+
+
+def _business_values(resource: dict[str, Any], param: str, system: str) -> list[str]:
+    """The resource's business values in ``system``: from meta.tag or from its identifiers."""
+    if param == "_tag":
+        found = [
+            t.get("code")
+            for t in resource.get("meta", {}).get("tag", [])
+            if t.get("system") == system
+        ]
+    else:
+        identifiers = resource.get("identifier") or []
+        if isinstance(identifiers, dict):  # R4 AdverseEvent.identifier is a single Identifier
+            identifiers = [identifiers]
+        found = [i.get("value") for i in identifiers if i.get("system") == system]
+    return [str(v) for v in found if v]
 
 
 __all__ = ["SendSummary", "Sender", "ServerUnavailable", "choose_strategy"]
