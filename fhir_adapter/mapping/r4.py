@@ -42,18 +42,28 @@ def arm_name(ctx: MappingContext, arm_id: str) -> str:
     return next(a.name for a in ctx.trial.arms if a.id == arm_id)
 
 
-def to_research_study(ctx: MappingContext) -> Resource:
+def research_study_core(ctx: MappingContext, status: str, name: str | None = None) -> Resource:
+    """What R4 and R5 ResearchStudy share: identifiers (NCT first), title, status, purpose,
+    phase, condition. ``name`` (R5 only) goes before the title."""
     study = ctx.trial.study
     term = ctx.terminology
     resource = ctx.base("ResearchStudy", ctx.study_value)
     resource["identifier"].insert(0, {"system": term.system("nct"), "value": study.nct_id})
+    if name is not None:
+        resource["name"] = name
     resource["title"] = study.title
-    resource["status"] = study.fhir_status_r4
+    resource["status"] = status
     resource["primaryPurposeType"] = {
         "coding": [term.coding("research_study_purpose", study.primary_purpose, "Treatment")]
     }
     resource["phase"] = {"coding": [term.coding("research_study_phase", study.phase, "N/A")]}
     resource["condition"] = [{"coding": term.condition_codings, "text": study.condition.text}]
+    return resource
+
+
+def to_research_study(ctx: MappingContext) -> Resource:
+    study = ctx.trial.study
+    resource = research_study_core(ctx, study.fhir_status_r4)
     resource["enrollment"] = [ctx.ref("Group", group_value(ctx))]
     if study.start_date:
         resource["period"] = {"start": study.start_date.isoformat()}

@@ -68,6 +68,7 @@ from fhir_adapter.mapping.r4 import (
     enrollment_group,
     group_value,
     measure_report_value,
+    research_study_core,
     severity_coding,
     subject_status,
     to_provenance,
@@ -83,16 +84,7 @@ VERSION = "R5"
 def to_research_study(ctx: MappingContext) -> Resource:
     study = ctx.trial.study
     term = ctx.terminology
-    resource = ctx.base("ResearchStudy", ctx.study_value)
-    resource["identifier"].insert(0, {"system": term.system("nct"), "value": study.nct_id})
-    resource["name"] = study.nct_id
-    resource["title"] = study.title
-    resource["status"] = study.fhir_status_r5
-    resource["primaryPurposeType"] = {
-        "coding": [term.coding("research_study_purpose", study.primary_purpose, "Treatment")]
-    }
-    resource["phase"] = {"coding": [term.coding("research_study_phase", study.phase, "N/A")]}
-    resource["condition"] = [{"coding": term.condition_codings, "text": study.condition.text}]
+    resource = research_study_core(ctx, study.fhir_status_r5, name=study.nct_id)
     if study.start_date:
         resource["period"] = {"start": study.start_date.isoformat()}
     resource["site"] = [ctx.ref("Location", s.id) for s in study.sites]
