@@ -323,8 +323,11 @@ class Intake:
         elif isinstance(record, PgaAssessment | SatisfactionResponse):
             if self._duplicate(record.kind, (record.subject_id, record.visit)):
                 error("visit", "duplicate assessment for this subject and visit")
-        elif isinstance(record, AdverseEvent) and self._duplicate("ae", (record.ae_id,)):
-            error("ae_id", "duplicate ae_id (already given on an earlier row)")
+        elif isinstance(record, AdverseEvent):
+            if self._duplicate("ae", (record.ae_id,)):
+                error("ae_id", "duplicate ae_id (already given on an earlier row)")
+            elif participant is not None and not _received(record, participant, self.trial):
+                error("suspect", "names an intervention the participant's arm does not give")
 
         if not errors and participant is not None:
             self._participant_warnings(record, participant, warn)
@@ -360,3 +363,12 @@ class Intake:
                 f"outside the {visit} window (day {day} after first treatment; "
                 f"window {earliest}..{latest})",
             )
+
+
+def _received(event: AdverseEvent, participant: Participant, trial: Trial) -> bool:
+    """Every intervention the AE's ``suspect`` names belongs to the participant's arm."""
+    suspected = event.suspected(trial)
+    if not suspected:
+        return True
+    arm = next((a for a in trial.arms if a.id == participant.arm), None)
+    return arm is not None and set(suspected) <= set(arm.interventions)

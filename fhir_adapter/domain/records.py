@@ -406,9 +406,13 @@ class SatisfactionResponse(Record):
         return self
 
 
+#: ``suspect`` value naming every intervention of the study (SPEC §3)
+SUSPECT_BOTH = "both"
+
+
 class AdverseEvent(Record):
     kind: ClassVar[str] = "adverse_events"
-    optional_columns: ClassVar[frozenset[str]] = frozenset({"visit"})
+    optional_columns: ClassVar[frozenset[str]] = frozenset({"visit", "suspect"})
     personal_fields: ClassVar[frozenset[str]] = frozenset({"term_text", "action_taken"})
 
     ae_id: Identifier
@@ -421,11 +425,36 @@ class AdverseEvent(Record):
     grade: Annotated[WholeNumber, Field(ge=1, le=5)]
     serious: YesNo
     causality: Causality
+    #: which intervention the causality judgement concerns: an intervention id, ``both``, or
+    #: None (not stated)
+    suspect: str | None = None
     outcome: Outcome
     action_taken: str | None = Field(default=None, max_length=500)
     reported_on: Date | None = None
 
     _visit = field_validator("visit")(_check_visit)
+
+    @field_validator("suspect")
+    @classmethod
+    def _known_suspect(cls, value: str | None, info: ValidationInfo) -> str | None:
+        ctx = _context(info)
+        if value is None or ctx is None:
+            return value
+        allowed = [i.id for i in ctx.trial.interventions]
+        if value != SUSPECT_BOTH and value not in allowed:
+            raise _err(
+                "suspect",
+                "unknown suspect (expected one of " + ", ".join([*allowed, SUSPECT_BOTH]) + ")",
+            )
+        return value
+
+    def suspected(self, trial: Trial) -> tuple[str, ...]:
+        """The intervention ids the causality judgement concerns (empty: not stated)."""
+        if self.suspect is None:
+            return ()
+        if self.suspect == SUSPECT_BOTH:
+            return tuple(i.id for i in trial.interventions)
+        return (self.suspect,)
 
     @model_validator(mode="after")
     def _consistent(self) -> AdverseEvent:

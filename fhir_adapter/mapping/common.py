@@ -1,28 +1,40 @@
-"""Builders whose output is the same in R4 and R5 (Observation and the simple resources).
+"""What R4 and R5 share: the builders whose output is the same in both (Observation and the
+simple resources, Provenance) and the parts both version modules assemble (study core, AE
+concept, suspects and causality, Encounter frame, MeasureReport group).
 
-Pure functions: a domain object and a :class:`MappingContext` in, a FHIR resource (a dict with
-``Type/id`` references) out. No I/O, no clock.
+:mod:`.r4` and :mod:`.r5` import from here, never from each other. Pure functions: a domain
+object and a :class:`MappingContext` in, a FHIR resource (a dict with ``Type/id`` references)
+out. No I/O, no clock.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from fhir_adapter.domain import (
+    AdverseEvent,
     MasiRating,
     Participant,
     PgaAssessment,
     SatisfactionResponse,
 )
+from fhir_adapter.domain.records import AeTerm
 from fhir_adapter.eligibility import CriterionState, EligibilityResult
 from fhir_adapter.mapping.context import MappingContext, Resource
+from fhir_adapter.mapping.terminology import Coding
 from fhir_adapter.scoring import (
+    RULE_VERSIONS,
     Consensus,
+    SatisfactionRate,
     VisitScore,
     pga_discordant,
+    rater_masi,
     response_level,
+    round_half_up,
 )
 
 _MASI_REGIONS = (
@@ -249,8 +261,6 @@ def to_satisfaction_measure(ctx: MappingContext) -> Resource:
 # -- observations --------------------------------------------------------------------------
 def to_rater_masi_observation(rating: MasiRating, ctx: MappingContext) -> Resource:
     """One physician's MASI: score, the 12 D/H/A items with their body sites, performer."""
-    from fhir_adapter.scoring import rater_masi
-
     value = rater_masi_value(rating.subject_id, rating.visit, rating.rater_id)
     resource = observation(
         ctx,
@@ -440,4 +450,308 @@ def to_eligibility_observation(result: EligibilityResult, ctx: MappingContext) -
         }
         for criterion_id, state in result.criteria
     ]
+    return resource
+
+
+# -- study level: the parts R4 and R5 assemble differently ---------------------------------
+ADAPTER_DEVICE = "fhir-adapter"
+
+
+def group_value(ctx: MappingContext) -> str:
+    return f"{ctx.study_value}-enrollment"
+
+
+def arm_name(ctx: MappingContext, arm_id: str) -> str:
+    return next(a.name for a in ctx.trial.arms if a.id == arm_id)
+
+
+def research_study_core(ctx: MappingContext, status: str, name: str | None = None) -> Resource:
+    """What R4 and R5 ResearchStudy share: identifiers (NCT first), title, status, purpose,
+    phase, condition. ``name`` (R5 only) goes before the title."""
+    study = ctx.trial.study
+    term = ctx.terminology
+    resource = ctx.base("ResearchStudy", ctx.study_value)
+    resource["identifier"].insert(0, {"system": term.system("nct"), "value": study.nct_id})
+    if name is not None:
+        resource["name"] = name
+    resource["title"] = study.title
+    resource["status"] = status
+    resource["primaryPurposeType"] = {
+        "coding": [term.coding("research_study_purpose", study.primary_purpose, "Treatment")]
+    }
+    resource["phase"] = {"coding": [term.coding("research_study_phase", study.phase, "N/A")]}
+    resource["condition"] = [{"coding": term.condition_codings, "text": study.condition.text}]
+    return resource
+
+
+def arm_entries(ctx: MappingContext) -> list[dict[str, Any]]:
+    """The arms (R4 ResearchStudy.arm; R5 comparisonGroup adds a linkId)."""
+    term = ctx.terminology
+    return [
+        {
+            "name": arm.name,
+            "type": {"coding": [term.coding("arm_type", arm.type)], "text": arm.type},
+            "description": " ".join(arm.description.split()),
+        }
+        for arm in ctx.trial.arms
+    ]
+
+
+def enrollment_group(ctx: MappingContext, membership: dict[str, Any]) -> Resource:
+    """The enrollment Group: its characteristics are the eligibility criteria.
+
+    ``membership``: R4 ``{"actual": False}``, R5 ``{"membership": "definitional"}``.
+    """
+    resource = ctx.base("Group", group_value(ctx))
+    resource["type"] = "person"
+    resource.update(membership)
+    resource["name"] = f"{ctx.study_value} enrollment criteria"
+    resource["quantity"] = ctx.trial.study.target_enrollment
+    resource["characteristic"] = [
+        {
+            "code": ctx.terminology.trial_concept(c.id, " ".join(c.text.split())),
+            "valueBoolean": True,
+            "exclude": c.kind == "exclusion",
+        }
+        for c in ctx.trial.criteria
+    ]
+    return resource
+
+
+def consent_policy_url(ctx: MappingContext) -> str:
+    """The registry record the consent was given under (R4 policy.uri, R5 policyBasis.url)."""
+    return f"https://clinicaltrials.gov/study/{ctx.study_value}"
+
+
+# -- participants --------------------------------------------------------------------------
+def subject_status(participant: Participant, eligibility: EligibilityResult | None) -> str:
+    """ResearchSubject status (R4; the current R5 subjectState), first rule that applies."""
+    status = participant.effective_status.value
+    if status == "withdrawn":
+        return "withdrawn"
+    if status == "completed":
+        return "off-study"
+    if participant.enrolled:
+        return "on-study"
+    if eligibility is not None and eligibility.result.value in ("ineligible", "eligible"):
+        return eligibility.result.value
+    return "candidate"
+
+
+def subject_period(participant: Participant) -> dict[str, str]:
+    period = {}
+    start = participant.enrolled_on or participant.consent_date
+    if start:
+        period["start"] = start.isoformat()
+    if participant.withdrawn_on:
+        period["end"] = participant.withdrawn_on.isoformat()
+    return period
+
+
+# -- visits --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VisitFacts:
+    """What the accepted assessments of one subject x visit say about the visit itself."""
+
+    start: dt.date | None = None  # earliest accepted assessment; None: no assessment
+    out_of_window: bool = False  # an accepted assessment lies outside the visit window
+
+
+def encounter_frame(
+    ctx: MappingContext, subject_id: str, visit: str, facts: VisitFacts
+) -> Resource:
+    """Identity, study link, the out-of-window flag, type and subject of a visit Encounter."""
+    resource = ctx.base("Encounter", encounter_value(subject_id, visit))
+    resource["extension"] = [ctx.study_extension()]
+    if facts.out_of_window:
+        resource["extension"].append(
+            {
+                "url": ctx.terminology.trial_extension("visit-out-of-window"),
+                "valueBoolean": True,
+            }
+        )
+    return resource
+
+
+def encounter_type(ctx: MappingContext, visit: str) -> list[dict[str, Any]]:
+    return [ctx.terminology.trial_concept(f"visit-{visit}")]
+
+
+# -- adverse events ------------------------------------------------------------------------
+def severity_coding(ctx: MappingContext, grade: int) -> list[dict[str, str]]:
+    """The R4 severity (mild / moderate / severe) and the CTCAE grade, as two codings."""
+    severity = str(ctx.terminology.ae("severity_by_grade")[grade])
+    return [
+        ctx.terminology.coding("ae_severity", severity, severity.capitalize()),
+        ctx.terminology.coding("ctcae_grade", str(grade), f"Grade {grade}"),
+    ]
+
+
+def ae_event_concept(ctx: MappingContext, event: AdverseEvent) -> dict[str, Any]:
+    """The event: verified codings only; the source term as text.
+
+    ``other`` is coded ``other`` in the trial code system. Free text (``term_text``) is
+    personal data: the hospital target carries it as the text, the registry target the term's
+    display ("Other" for ``other``).
+    """
+    concept: dict[str, Any] = {}
+    if event.term is AeTerm.OTHER:
+        concept["coding"] = [ctx.terminology.trial_coding("other")]
+    term = ctx.terminology.ae_term(event.term.value)
+    if term.codings:
+        concept["coding"] = [dict(c) for c in term.codings]
+    hospital_text = event.term_text if ctx.target == "hospital" else None
+    concept["text"] = hospital_text or term.display
+    return concept
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """A study intervention listed as an AdverseEvent.suspectEntity."""
+
+    resource_type: str  # Substance | Device
+    intervention_id: str
+    name: str
+    assessed: bool  # the investigator's causality judgement concerns this intervention
+
+
+def ae_suspects(ctx: MappingContext, event: AdverseEvent, arm: str | None) -> list[Suspect]:
+    """The suspect entities, saying no more than the source.
+
+    ``suspect`` given: exactly the interventions it names, each carrying the judgement.
+    ``suspect`` empty: every intervention of the participant's arm, none carrying it (the
+    judgement goes in :func:`ae_study_treatment_extension`); no arm: no suspect entity.
+    """
+    suspected = event.suspected(ctx.trial)
+    if suspected:
+        wanted, assessed = set(suspected), True
+    else:
+        arms = [a for a in ctx.trial.arms if a.id == arm]
+        wanted, assessed = (set(arms[0].interventions) if arms else set()), False
+    return [
+        Suspect("Substance" if item.kind == "substance" else "Device", item.id, item.name, assessed)
+        for item in ctx.trial.interventions
+        if item.id in wanted
+    ]
+
+
+def ae_causality_coding(ctx: MappingContext, event: AdverseEvent) -> Coding | None:
+    """The causality code of the context's FHIR version (None: the word maps to no code)."""
+    return ctx.terminology.ae_causality(event.causality.value, ctx.fhir_version)
+
+
+def ae_study_treatment_extension(ctx: MappingContext, event: AdverseEvent) -> dict[str, Any]:
+    """The one judgement about the study treatment as a whole (``suspect`` empty)."""
+    parts: list[dict[str, Any]] = []
+    coding = ae_causality_coding(ctx, event)
+    if coding is not None:
+        parts.append({"url": "assessment", "valueCodeableConcept": {"coding": [coding]}})
+    parts.append({"url": "productRelatedness", "valueString": event.causality.value})
+    return {
+        "url": ctx.terminology.trial_extension("ae-causality-study-treatment"),
+        "extension": parts,
+    }
+
+
+def ae_extensions(ctx: MappingContext, event: AdverseEvent) -> list[dict[str, Any]]:
+    """The trial's causality extension when the source names no suspect (else nothing)."""
+    return [] if event.suspect else [ae_study_treatment_extension(ctx, event)]
+
+
+def ae_action_taken(ctx: MappingContext, event: AdverseEvent) -> str | None:
+    """``action_taken`` is free text: the hospital target only."""
+    return event.action_taken if ctx.target == "hospital" else None
+
+
+# -- derived values ------------------------------------------------------------------------
+def measure_report_value(visit: str, arm: str | None) -> str:
+    return f"satisfaction-{visit}-{arm or 'all'}"
+
+
+def round_rate(value: Decimal) -> Decimal:
+    return round_half_up(value, 1)
+
+
+def report_group(rate: SatisfactionRate, ctx: MappingContext, score_key: str) -> dict[str, Any]:
+    """One MeasureReport group (``score_key``: R4 measureScore, R5 measureScoreQuantity)."""
+    term = ctx.terminology
+    group_code = [term.trial_coding(f"visit-{rate.visit}")]
+    if rate.arm is not None:
+        group_code.append(term.trial_coding(f"arm-{rate.arm}"))
+    label = f"{rate.visit}, {'arm ' + rate.arm if rate.arm else 'all arms'}"
+    group: dict[str, Any] = {
+        "code": {"coding": group_code, "text": label},
+        "population": [
+            {
+                "code": {"coding": [term.coding("measure_population", "numerator", "Numerator")]},
+                "count": rate.numerator,
+            },
+            {
+                "code": {
+                    "coding": [term.coding("measure_population", "denominator", "Denominator")]
+                },
+                "count": rate.denominator,
+            },
+        ],
+    }
+    if rate.rate_pct is not None:
+        group[score_key] = {
+            "value": round_rate(rate.rate_pct),
+            "unit": "%",
+            "system": term.system("ucum"),
+            "code": "%",
+        }
+    return group
+
+
+def satisfaction_report(
+    rate: SatisfactionRate, period: tuple[dt.date, dt.date], ctx: MappingContext, score_key: str
+) -> Resource:
+    resource = ctx.base("MeasureReport", measure_report_value(rate.visit, rate.arm))
+    resource["status"] = "complete"
+    resource["type"] = "summary"
+    resource["measure"] = measure_url(ctx)
+    resource["date"] = period[1].isoformat()
+    resource["reporter"] = sponsor_ref(ctx)
+    resource["period"] = {"start": period[0].isoformat(), "end": period[1].isoformat()}
+    resource["group"] = [report_group(rate, ctx, score_key)]
+    return resource
+
+
+def to_provenance(
+    target: tuple[str, str],
+    sources: Sequence[tuple[str, str]],
+    recorded: dt.date,
+    rules: Sequence[str],
+    ctx: MappingContext,
+) -> Resource:
+    """Provenance of a derived value: adapter version, scoring rule versions, sources.
+
+    The same in R4 and R5 for the elements used. ``recorded`` comes from the data (the latest
+    source date), never from the clock.
+    """
+    target_type, target_value = target
+    resource = ctx.base("Provenance", target_value)
+    resource["target"] = [ctx.ref(target_type, target_value)]
+    resource["recorded"] = ctx.instant(recorded)
+    resource["policy"] = [f"{ctx.identifier_base}:rule:{RULE_VERSIONS[r]}" for r in rules]
+    resource["activity"] = {
+        "coding": [
+            ctx.terminology.coding("w3c_provenance_activity", "Derivation", "wasDerivedFrom")
+        ]
+    }
+    resource["agent"] = [
+        {
+            "type": {
+                "coding": [
+                    ctx.terminology.coding("provenance_agent_type", "assembler", "Assembler")
+                ]
+            },
+            "who": ctx.ref("Device", ADAPTER_DEVICE, f"fhir-adapter {ctx.adapter_version}"),
+        }
+    ]
+    if sources:
+        resource["entity"] = [
+            {"role": "source", "what": ctx.ref(kind, value)} for kind, value in sources
+        ]
     return resource

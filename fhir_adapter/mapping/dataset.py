@@ -3,14 +3,16 @@
 Resources come out with deterministic ids and ``Type/id`` references, each referenced resource
 before the resources that refer to it: study-level resources, participants, then visits and
 observations as the rows stream by, derived values once their inputs are complete.
-Only per-visit score summaries are held in memory, never the rows.
+Only per-visit summaries (scores, visit dates) are held in memory, never the rows.
+
+Every resource is produced together with the source file kind it is removed with (SPEC §7),
+passed along explicitly: ``(source, resource)``.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
@@ -29,6 +31,7 @@ from fhir_adapter.eligibility import EligibilityResult, evaluate
 from fhir_adapter.errors import InputUnreadable
 from fhir_adapter.intake import KINDS, Intake, file_name
 from fhir_adapter.mapping import common, r4, r5
+from fhir_adapter.mapping.common import VisitFacts
 from fhir_adapter.mapping.context import MappingContext, Resource
 from fhir_adapter.scoring import (
     RaterScore,
@@ -37,6 +40,7 @@ from fhir_adapter.scoring import (
     satisfaction_rates,
     score_visits,
 )
+from fhir_adapter.trial import Trial
 
 
 def builders(ctx: MappingContext) -> ModuleType:
@@ -58,42 +62,24 @@ def study_resources(ctx: MappingContext) -> list[Resource]:
     ]
 
 
-_VISIT_DATES = (
-    ("masi", "assessed_on"),
-    ("pga", "assessed_on"),
-    ("satisfaction", "assessed_on"),
-    ("adverse_events", "onset_on"),
-)
+#: the files whose rows are assessments made at a visit (an AE's visit is where it was
+#: recorded, not when: its dates never move the visit, SPEC §3)
+ASSESSMENT_KINDS = ("masi", "pga", "satisfaction")
+Assessment = MasiRating | PgaAssessment | SatisfactionResponse
 
 
-def first_visit_dates(directory: Path) -> dict[tuple[str, str], dt.date]:
-    """The earliest date of any record per subject x visit: the Encounter's start.
-
-    A light pass over the visit files (three columns, no validation) so that the Encounter,
-    which must precede the Observations that refer to it, starts on its earliest date whatever
-    the order of the rows. Unparsable rows are skipped here; intake reports them later.
-    """
-    dates: dict[tuple[str, str], dt.date] = {}
-    for kind, column in _VISIT_DATES:
-        path = directory / file_name(kind)
-        if not path.is_file():
-            continue
-        try:
-            with path.open(encoding="utf-8-sig", newline="") as fh:
-                for row in csv.DictReader(fh):
-                    key = ((row.get("subject_id") or "").strip(), (row.get("visit") or "").strip())
-                    try:
-                        day = dt.date.fromisoformat((row.get(column) or "").strip())
-                    except ValueError:
-                        continue
-                    if all(key) and (key not in dates or day < dates[key]):
-                        dates[key] = day
-        except (UnicodeDecodeError, csv.Error, OSError):
-            continue  # intake rejects the file with a clear message
-    return dates
+def in_window(trial: Trial, participant: Participant | None, visit: str, day: dt.date) -> bool:
+    """Whether an assessment on ``day`` lies in the visit's window (counted from the first
+    treatment, SPEC §2); True when the window cannot be judged (no first_treatment_on)."""
+    if participant is None or participant.first_treatment_on is None:
+        return True
+    earliest, latest = trial.window(visit)
+    return earliest <= (day - participant.first_treatment_on).days <= latest
 
 
 R = TypeVar("R", bound=Record)
+Sourced = tuple[str, Resource]  # (source file kind, resource)
+VisitKey = tuple[str, str]  # (subject_id, visit)
 
 
 class DatasetMapper:
@@ -106,30 +92,64 @@ class DatasetMapper:
         self.threshold = ctx.trial.adjudication_threshold if threshold is None else threshold
         self.intake = intake
         self.b = builders(ctx)
-        self.source = "study"  # the source file kind of what is being emitted
-        self._encounters: set[tuple[str, str]] = set()
+        self._encounters: set[VisitKey] = set()
         self._practitioners: set[str] = set()
-        self._first_dates: dict[tuple[str, str], dt.date] = {}
+        self._visits: dict[VisitKey, VisitFacts] = {}
         self.unreadable: list[str] = []
         self.present: set[str] = {"study"}
 
+    # -- visits ---------------------------------------------------------------------------
+    def visit_facts(self, directory: Path) -> dict[VisitKey, VisitFacts]:
+        """Per subject x visit: the earliest date of the *accepted* assessments and whether one
+        lies outside the visit window.
+
+        A validation pass of its own (a separate Intake that reports nothing) ahead of the
+        mapping pass, so that each Encounter - which must precede the Observations that refer
+        to it - starts on its earliest accepted date whatever the order of the rows, and a
+        rejected row never moves it. Only these two facts per visit are kept.
+        """
+        probe = Intake(trial=self.intake.trial, today=self.intake.today)
+        facts: dict[VisitKey, VisitFacts] = {}
+        for kind in ("participants", *ASSESSMENT_KINDS):
+            path = directory / file_name(kind)
+            if not path.is_file():
+                continue
+            try:
+                for record in probe.read_csv(kind, path):
+                    if isinstance(record, Assessment):
+                        self._add_visit_date(facts, probe, record)
+            except InputUnreadable:
+                continue  # the mapping pass reports the file
+        return facts
+
+    def _add_visit_date(
+        self, facts: dict[VisitKey, VisitFacts], probe: Intake, record: Assessment
+    ) -> None:
+        key = (record.subject_id, record.visit)
+        known = facts.get(key, VisitFacts())
+        participant = probe.participants.get(record.subject_id)
+        outside = not in_window(self.ctx.trial, participant, record.visit, record.assessed_on)
+        start = record.assessed_on if known.start is None else min(known.start, record.assessed_on)
+        facts[key] = VisitFacts(start, known.out_of_window or outside)
+
     # -- lazily emitted shared resources -------------------------------------------------
-    def _encounter(self, subject_id: str, visit: str, day: dt.date) -> Iterator[Resource]:
+    def _encounter(
+        self, subject_id: str, visit: str, facts: VisitFacts | None = None
+    ) -> Iterator[Sourced]:
         if (subject_id, visit) not in self._encounters:
             self._encounters.add((subject_id, visit))
-            start = min(day, self._first_dates.get((subject_id, visit), day))
-            yield self.b.to_encounter(subject_id, visit, start, self.ctx)
+            facts = facts or self._visits.get((subject_id, visit), VisitFacts())
+            yield "shared", self.b.to_encounter(subject_id, visit, facts, self.ctx)
 
-    def _practitioner(self, rater_id: str) -> Iterator[Resource]:
+    def _practitioner(self, rater_id: str) -> Iterator[Sourced]:
         if rater_id not in self._practitioners:
             self._practitioners.add(rater_id)
-            yield common.to_practitioner(rater_id, self.ctx)
+            yield "shared", common.to_practitioner(rater_id, self.ctx)
 
     def _read(self, directory: Path, kind: str, model: type[R]) -> Iterator[R]:
         path = directory / file_name(kind)
         if not path.is_file():
             return
-        self.source = kind
         self.present.add(kind)
         try:
             for record in self.intake.read_csv(kind, path):
@@ -142,17 +162,19 @@ class DatasetMapper:
             self.present.discard(kind)  # an unreadable file removes nothing
 
     # -- the whole data set ---------------------------------------------------------------
-    def sourced(self, directory: Path) -> Iterator[tuple[str, Resource]]:
+    def sourced(self, directory: Path) -> Iterator[Sourced]:
         """(source, resource): the source file kind a resource is removed with (SPEC §7).
 
         Visits and raters are shared by several files: they count as removed only when every
         file was present (the ``shared`` source).
         """
-        for resource in self.resources(directory):
-            shared = resource["resourceType"] in ("Encounter", "Practitioner")
-            yield ("shared" if shared else self.source), resource
+        yield from self._sourced(directory)
         if self.present >= {"study", *KINDS}:
             self.present.add("shared")
+
+    def resources(self, directory: Path) -> Iterator[Resource]:
+        for _, resource in self._sourced(directory):
+            yield resource
 
     def complete_sources(self) -> set[str]:
         """Sources whose file was read whole with no rejected row: their absences are removals.
@@ -169,92 +191,125 @@ class DatasetMapper:
             complete.discard("shared")
         return complete
 
-    def resources(self, directory: Path) -> Iterator[Resource]:
-        ctx, b = self.ctx, self.b
+    def _sourced(self, directory: Path) -> Iterator[Sourced]:
         if not (directory / file_name("participants")).is_file():
             raise InputUnreadable(
                 f"{directory}: participants.csv is required (the other files refer to it)"
             )
-        yield from study_resources(ctx)
-        self._first_dates = first_visit_dates(directory)
-
+        for resource in study_resources(self.ctx):
+            yield "study", resource
+        self._visits = self.visit_facts(directory)
         participants = list(self._read(directory, "participants", Participant))
+        results = self._eligibility(directory)
+        yield from self._participants(participants, results)
+        yield from self._screenings(results)
+        visit_scores = yield from self._masi(directory)
+        yield from self._pga(directory, visit_scores)
+        yield from self._satisfaction(directory)
+        yield from self._adverse_events(directory)
+
+    def _eligibility(self, directory: Path) -> dict[str, EligibilityResult]:
         results: dict[str, EligibilityResult] = {}
         for screening in self._read(directory, "eligibility", EligibilityScreening):
             participant = self.intake.participants.get(screening.subject_id)
-            results[screening.subject_id] = evaluate(screening, participant, ctx.trial)
+            results[screening.subject_id] = evaluate(screening, participant, self.ctx.trial)
+        return results
 
-        self.source = "participants"
+    def _participants(
+        self, participants: list[Participant], results: dict[str, EligibilityResult]
+    ) -> Iterator[Sourced]:
+        ctx, b = self.ctx, self.b
         for p in participants:
-            yield common.to_patient(p, ctx)
-            yield b.to_consent(p, ctx)
-            yield b.to_research_subject(p, results.get(p.subject_id), ctx)
+            yield "participants", common.to_patient(p, ctx)
+            yield "participants", b.to_consent(p, ctx)
+            yield "participants", b.to_research_subject(p, results.get(p.subject_id), ctx)
 
-        self.source = "eligibility"
+    def _screenings(self, results: dict[str, EligibilityResult]) -> Iterator[Sourced]:
+        ctx, b = self.ctx, self.b
         for result in results.values():
-            yield from self._encounter(result.subject_id, common.SCREENING, result.screened_on)
-            yield common.to_eligibility_observation(result, ctx)
-            yield b.to_provenance(
-                ("Observation", common.eligibility_value(result.subject_id)),
-                [("Patient", result.subject_id)],
-                result.screened_on,
-                ["eligibility"],
-                ctx,
+            facts = VisitFacts(start=result.screened_on)
+            yield from self._encounter(result.subject_id, common.SCREENING, facts)
+            yield "eligibility", common.to_eligibility_observation(result, ctx)
+            yield (
+                "eligibility",
+                b.to_provenance(
+                    ("Observation", common.eligibility_value(result.subject_id)),
+                    [("Patient", result.subject_id)],
+                    result.screened_on,
+                    ["eligibility"],
+                    ctx,
+                ),
             )
 
+    def _masi(self, directory: Path) -> Generator[Sourced, None, list[VisitScore]]:
+        """Rater observations as they stream by, then the derived values; returns the scores."""
         scores: list[tuple[str, str, RaterScore]] = []
         for rating in self._read(directory, "masi", MasiRating):
             yield from self._practitioner(rating.rater_id)
-            yield from self._encounter(rating.subject_id, rating.visit, rating.assessed_on)
-            yield common.to_rater_masi_observation(rating, ctx)
+            yield from self._encounter(rating.subject_id, rating.visit)
+            yield "masi", common.to_rater_masi_observation(rating, self.ctx)
             scores.append((rating.subject_id, rating.visit, rater_score(rating)))
         visit_scores = score_visits(
-            scores, self.threshold, ctx.trial.visit_order, ctx.trial.baseline_visit
+            scores, self.threshold, self.ctx.trial.visit_order, self.ctx.trial.baseline_visit
         )
-        del scores
-        self.source = "masi"
-        yield from self._derived_masi(visit_scores)
-        by_visit = {(vs.subject_id, vs.visit): vs for vs in visit_scores}
+        for resource in self._derived_masi(visit_scores):
+            yield "masi", resource
+        return visit_scores
 
+    def _pga(self, directory: Path, visit_scores: list[VisitScore]) -> Iterator[Sourced]:
+        ctx, b = self.ctx, self.b
+        by_visit = {(vs.subject_id, vs.visit): vs for vs in visit_scores}
         for assessment in self._read(directory, "pga", PgaAssessment):
             yield from self._practitioner(assessment.rater_id)
-            yield from self._encounter(
-                assessment.subject_id, assessment.visit, assessment.assessed_on
-            )
+            yield from self._encounter(assessment.subject_id, assessment.visit)
             vs = by_visit.get((assessment.subject_id, assessment.visit))
-            yield common.to_pga_observation(assessment, vs, ctx)
+            yield "pga", common.to_pga_observation(assessment, vs, ctx)
             if vs is not None and vs.pga_from_masi is not None:
-                yield b.to_provenance(
-                    ("Observation", common.pga_value(assessment.subject_id, assessment.visit)),
-                    [("Observation", common.improvement_value(vs.subject_id, vs.visit))],
-                    max(assessment.assessed_on, common.consensus_date(vs)),
-                    ["pga-from-masi"],
-                    ctx,
+                yield (
+                    "pga",
+                    b.to_provenance(
+                        ("Observation", common.pga_value(assessment.subject_id, assessment.visit)),
+                        [("Observation", common.improvement_value(vs.subject_id, vs.visit))],
+                        max(assessment.assessed_on, common.consensus_date(vs)),
+                        ["pga-from-masi"],
+                        ctx,
+                    ),
                 )
-        del by_visit, visit_scores
-        self.source = "satisfaction"
 
+    def _satisfaction(self, directory: Path) -> Iterator[Sourced]:
+        ctx, b = self.ctx, self.b
         responses: list[SatisfactionResponse] = []
         for response in self._read(directory, "satisfaction", SatisfactionResponse):
-            yield from self._encounter(response.subject_id, response.visit, response.assessed_on)
-            yield common.to_satisfaction_observation(response, ctx)
+            yield from self._encounter(response.subject_id, response.visit)
+            yield "satisfaction", common.to_satisfaction_observation(response, ctx)
             if response.level is None:  # the level is derived from the patient's estimate
-                yield b.to_provenance(
-                    ("Observation", common.satisfaction_value(response.subject_id, response.visit)),
-                    [("Patient", response.subject_id)],
-                    response.assessed_on,
-                    ["satisfaction"],
-                    ctx,
+                yield (
+                    "satisfaction",
+                    b.to_provenance(
+                        (
+                            "Observation",
+                            common.satisfaction_value(response.subject_id, response.visit),
+                        ),
+                        [("Patient", response.subject_id)],
+                        response.assessed_on,
+                        ["satisfaction"],
+                        ctx,
+                    ),
                 )
             responses.append(response)
-        self.source = "satisfaction"
-        yield from self._satisfaction_reports(responses)
+        for resource in self._satisfaction_reports(responses):
+            yield "satisfaction", resource
 
+    def _adverse_events(self, directory: Path) -> Iterator[Sourced]:
+        """AEs; an AE's visit is where it was recorded: its Encounter, never its dates."""
         arm_of = {p.subject_id: p.arm for p in self.intake.participants.values()}
         for event in self._read(directory, "adverse_events", AdverseEvent):
             if event.visit:
-                yield from self._encounter(event.subject_id, event.visit, event.onset_on)
-            yield b.to_adverse_event(event, arm_of.get(event.subject_id), ctx)
+                yield from self._encounter(event.subject_id, event.visit)
+            yield (
+                "adverse_events",
+                self.b.to_adverse_event(event, arm_of.get(event.subject_id), self.ctx),
+            )
 
     def _derived_masi(self, visit_scores: list[VisitScore]) -> Iterator[Resource]:
         ctx, b = self.ctx, self.b
@@ -314,7 +369,7 @@ class DatasetMapper:
             report = b.to_satisfaction_report(rate, period, ctx)
             yield report
             yield b.to_provenance(
-                ("MeasureReport", r4.measure_report_value(rate.visit, rate.arm)),
+                ("MeasureReport", common.measure_report_value(rate.visit, rate.arm)),
                 [
                     ("Observation", common.satisfaction_value(r.subject_id, r.visit))
                     for r in sorted(members, key=lambda r: r.subject_id)

@@ -1,9 +1,10 @@
 """R5 (5.0.0) builders for the resources whose shape differs between R4 and R5.
 
-Same public functions and signatures as :mod:`.r4`; what is identical is imported from there
-(the ResearchSubject status rule, the AE concept and severity codings, the MeasureReport group,
-Provenance). Codes spelled differently in R5 live in ``mappings/fhir.yaml`` (``adverse_event_r5``,
-``research_r5``, ``value_sets.r5`` and ``value_sets.r5_codings``). Choices, per resource:
+Same public functions and signatures as :mod:`.r4`; what both share is imported from
+:mod:`.common` (the ResearchSubject status rule, the AE concept, suspects and causality, the
+severity codings, the MeasureReport group, Provenance), never from :mod:`.r4`. Codes spelled
+differently in R5 live in ``mappings/fhir.yaml`` (``adverse_event_r5``, ``research_r5``,
+``value_sets.r5`` and ``value_sets.r5_codings``). Choices, per resource:
 
 - **ResearchSubject**: ``individual`` -> ``subject``; ``status`` is the publication status
   ``active``; the lifecycle (R4 ``status``) goes to ``progress[]``: one entry per known state,
@@ -21,7 +22,8 @@ Provenance). Codes spelled differently in R5 live in ``mappings/fhir.yaml`` (``a
   Reference(Group)}; ``sponsor`` -> ``associatedParty`` (role ``sponsor`` of
   research-study-party-role, party = the Organization); ``name`` = the NCT id; phase,
   primaryPurposeType, condition, site, period unchanged.
-- **AdverseEvent**: ``event`` -> ``code``; ``date`` -> ``occurrenceDateTime`` (onset);
+- **AdverseEvent**: ``event`` -> ``code``; ``date`` -> ``occurrenceDateTime`` (onset), or
+  ``occurrencePeriod`` {onset, resolved_on} once resolved (R5 has the element R4 lacks);
   ``status`` (required) ``completed`` when ``resolved_on`` is set or the outcome says the event
   ended (recovered, recovered with sequelae, fatal), else ``in-progress``; ``seriousness``
   with the R5 codes ``serious`` / ``non-serious``;
@@ -31,8 +33,12 @@ Provenance). Codes spelled differently in R5 live in ``mappings/fhir.yaml`` (``a
   ``resultingEffect``, which mean something else (a cause, a consequence). ``outcome`` is a
   list, THO adverse-event-outcome codes kept (R5's example value set is SNOMED CT findings
   with no one-to-one match). ``suspectEntity.instance`` -> ``instanceReference``;
-  ``causality`` is one element whose ``entityRelatedness`` uses the R5 (lower-case) WHO-UMC
-  codes. identifier is a list in R5 (R4: a single Identifier); the id stays in meta.tag.
+  ``causality`` (one element) only on the suspect the judgement concerns, its
+  ``entityRelatedness`` the R5 (lower-case) WHO-UMC code with the source word as text (R5 has
+  no ``productRelatedness``); with no suspect stated, the trial extension
+  ``ae-causality-study-treatment`` as in R4. ``action_taken`` (hospital target only) ->
+  ``mitigatingAction.itemCodeableConcept.text``. identifier is a list in R5 (R4: a single
+  Identifier); the id stays in meta.tag.
 - **Encounter**: ``status`` ``completed``; ``class`` a list of CodeableConcept;
   ``period`` -> ``actualPeriod``.
 - **Consent**: ``status`` draft (no consent yet) / active / inactive (withdrawn); ``patient``
@@ -56,25 +62,32 @@ from typing import Any
 
 from fhir_adapter.domain import AdverseEvent, Outcome, Participant
 from fhir_adapter.eligibility import EligibilityResult
-from fhir_adapter.mapping.common import SCREENING, encounter_value, sponsor_ref
-from fhir_adapter.mapping.context import MappingContext, Resource
-from fhir_adapter.mapping.r4 import (
+from fhir_adapter.mapping.common import (
     ADAPTER_DEVICE,
-    _report_group,
-    _subject_period,
+    SCREENING,
+    VisitFacts,
+    ae_action_taken,
+    ae_causality_coding,
     ae_event_concept,
+    ae_extensions,
+    ae_suspects,
     arm_entries,
     consent_policy_url,
+    encounter_frame,
+    encounter_type,
+    encounter_value,
     enrollment_group,
     group_value,
     measure_report_value,
     research_study_core,
+    satisfaction_report,
     severity_coding,
+    sponsor_ref,
+    subject_period,
     subject_status,
     to_provenance,
 )
-from fhir_adapter.mapping.r4 import ae_suspect_entities as _r4_suspect_entities
-from fhir_adapter.mapping.r4 import to_satisfaction_report as _r4_satisfaction_report
+from fhir_adapter.mapping.context import MappingContext, Resource
 from fhir_adapter.scoring import SatisfactionRate
 
 VERSION = "R5"
@@ -233,7 +246,7 @@ def to_research_subject(
     resource = ctx.base("ResearchSubject", participant.subject_id)
     resource["status"] = "active"
     resource["progress"] = subject_progress(participant, eligibility, ctx)
-    period = _subject_period(participant)
+    period = subject_period(participant)
     if period:
         resource["period"] = period
     resource["study"] = ctx.study_ref
@@ -245,14 +258,15 @@ def to_research_subject(
     return resource
 
 
-def to_encounter(subject_id: str, visit: str, start: dt.date, ctx: MappingContext) -> Resource:
-    resource = ctx.base("Encounter", encounter_value(subject_id, visit))
-    resource["extension"] = [ctx.study_extension()]
+def to_encounter(subject_id: str, visit: str, facts: VisitFacts, ctx: MappingContext) -> Resource:
+    """A visit; its actualPeriod starts on the earliest accepted assessment (none: no period)."""
+    resource = encounter_frame(ctx, subject_id, visit, facts)
     resource["status"] = "completed"
     resource["class"] = [{"coding": [ctx.terminology.coding("act_code", "AMB", "ambulatory")]}]
-    resource["type"] = [ctx.terminology.trial_concept(f"visit-{visit}")]
+    resource["type"] = encounter_type(ctx, visit)
     resource["subject"] = ctx.ref("Patient", subject_id)
-    resource["actualPeriod"] = {"start": start.isoformat()}
+    if facts.start is not None:
+        resource["actualPeriod"] = {"start": facts.start.isoformat()}
     return resource
 
 
@@ -270,45 +284,53 @@ def ae_status(event: AdverseEvent) -> str:
 def ae_severity_extension(ctx: MappingContext, grade: int) -> dict[str, Any]:
     """R4 AdverseEvent.severity (severity + CTCAE grade) as the cross-version extension."""
     return {
-        "url": str(ctx.terminology.ae("severity_extension", VERSION)),
+        "url": ctx.terminology.external_extension("ae_severity_r5"),
         "valueCodeableConcept": {"coding": severity_coding(ctx, grade)},
-    }
-
-
-def ae_relatedness(ctx: MappingContext, event: AdverseEvent) -> dict[str, Any]:
-    term = ctx.terminology
-    code = str(term.ae("causality", VERSION)[event.causality.value])
-    display = str(term.ae("causality_display", VERSION)[code])
-    return {
-        "coding": [term.coding("ae_causality", code, display)],
-        "text": event.causality.value.replace("_", " "),
     }
 
 
 def ae_suspect_entities(
     ctx: MappingContext, event: AdverseEvent, arm: str | None
 ) -> list[dict[str, Any]]:
-    """The arm's study interventions (as R4 selects them), R5 shape and causality codes."""
-    return [
-        {
-            "instanceReference": entity["instance"],
-            "causality": {"entityRelatedness": ae_relatedness(ctx, event)},
+    """Suspect entities (the same as R4); the judgement only on the one(s) it concerns."""
+    entities = []
+    for suspect in ae_suspects(ctx, event, arm):
+        entity: dict[str, Any] = {
+            "instanceReference": ctx.ref(
+                suspect.resource_type, suspect.intervention_id, suspect.name
+            )
         }
-        for entity in _r4_suspect_entities(ctx, event, arm)
-    ]
+        if suspect.assessed:
+            relatedness: dict[str, Any] = {}
+            coding = ae_causality_coding(ctx, event)
+            if coding is not None:
+                relatedness["coding"] = [coding]
+            relatedness["text"] = event.causality.value  # the source word
+            entity["causality"] = {"entityRelatedness": relatedness}
+        entities.append(entity)
+    return entities
 
 
 def to_adverse_event(event: AdverseEvent, arm: str | None, ctx: MappingContext) -> Resource:
     term = ctx.terminology
     resource = ctx.base("AdverseEvent", event.ae_id)  # R5: identifier is a list
-    resource["extension"] = [ae_severity_extension(ctx, event.grade)]
+    resource["extension"] = [
+        ae_severity_extension(ctx, event.grade),
+        *ae_extensions(ctx, event),
+    ]
     resource["status"] = ae_status(event)
     resource["actuality"] = "actual"
     resource["code"] = ae_event_concept(ctx, event)
     resource["subject"] = ctx.ref("Patient", event.subject_id)
     if event.visit:
         resource["encounter"] = ctx.ref("Encounter", encounter_value(event.subject_id, event.visit))
-    resource["occurrenceDateTime"] = event.onset_on.isoformat()
+    if event.resolved_on is not None:
+        resource["occurrencePeriod"] = {
+            "start": event.onset_on.isoformat(),
+            "end": event.resolved_on.isoformat(),
+        }
+    else:
+        resource["occurrenceDateTime"] = event.onset_on.isoformat()
     resource["detected"] = event.onset_on.isoformat()
     if event.reported_on:
         resource["recordedDate"] = event.reported_on.isoformat()
@@ -320,7 +342,12 @@ def to_adverse_event(event: AdverseEvent, arm: str | None, ctx: MappingContext) 
     outcome = str(term.ae("outcome", VERSION)[event.outcome.value])
     outcome_display = str(term.ae("outcome_display", VERSION)[outcome])
     resource["outcome"] = [{"coding": [term.coding("ae_outcome", outcome, outcome_display)]}]
-    resource["suspectEntity"] = ae_suspect_entities(ctx, event, arm)
+    suspects = ae_suspect_entities(ctx, event, arm)
+    if suspects:
+        resource["suspectEntity"] = suspects
+    action = ae_action_taken(ctx, event)
+    if action:
+        resource["mitigatingAction"] = [{"itemCodeableConcept": {"text": action}}]
     resource["study"] = [ctx.study_ref]
     return resource
 
@@ -330,9 +357,7 @@ def to_satisfaction_report(
     rate: SatisfactionRate, period: tuple[dt.date, dt.date], ctx: MappingContext
 ) -> Resource:
     """The R4 MeasureReport with the R5 score element (measureScoreQuantity)."""
-    resource = _r4_satisfaction_report(rate, period, ctx)
-    resource["group"] = [_report_group(rate, ctx, score_key="measureScoreQuantity")]
-    return resource
+    return satisfaction_report(rate, period, ctx, score_key="measureScoreQuantity")
 
 
 __all__ = [

@@ -9,10 +9,14 @@ from typing import Any
 
 import yaml
 
+from fhir_adapter.domain.records import AeTerm
 from fhir_adapter.errors import ConfigurationError
 from fhir_adapter.trial import Trial, default_mappings_dir
 
 Coding = dict[str, str]
+#: confidence and evidence strength, weakest first
+CONFIDENCE_LEVELS = ("low", "medium", "high")
+MEDDRA_LEVELS = frozenset({"LLT", "PT", "HLT", "HLGT", "SOC"})
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -41,8 +45,38 @@ def _require(data: dict[str, Any], source: str, *keys: str) -> Any:
 class AeTermCodes:
     token: str
     display: str
-    codings: tuple[Coding, ...]  # emitted codings (reviewed high/medium confidence only)
+    codings: tuple[Coding, ...]  # emitted codings (with evidence, not under review)
     candidates: tuple[Coding, ...]  # `review: true` codes, not emitted
+
+
+def ae_code_problems(entry: Any, sources: dict[str, Any]) -> list[str]:
+    """Why one code entry of adverse_events.yaml may not stand (empty: it may).
+
+    An entry names a confidence no higher than its strongest evidence; an entry that is not
+    ``review: true`` must have evidence, each naming a known source, its version and the row.
+    """
+    if not isinstance(entry, dict):
+        return ["not a mapping"]
+    problems = [f"{key} missing" for key in ("code", "display") if not entry.get(key)]
+    confidence = entry.get("confidence")
+    if confidence not in CONFIDENCE_LEVELS:
+        return [*problems, f"confidence must be one of {', '.join(CONFIDENCE_LEVELS)}"]
+    evidence = entry.get("evidence") or []
+    strengths = []
+    for item in evidence:
+        if not isinstance(item, dict) or item.get("source") not in sources:
+            problems.append("evidence names an unknown source")
+            continue
+        problems += [f"evidence {key} missing" for key in ("version", "row") if not item.get(key)]
+        if item.get("strength") not in CONFIDENCE_LEVELS:
+            problems.append("evidence strength missing")
+        else:
+            strengths.append(CONFIDENCE_LEVELS.index(item["strength"]))
+    if not entry.get("review") and not evidence:
+        problems.append("no evidence: must be review: true")
+    if evidence and CONFIDENCE_LEVELS.index(confidence) > max(strengths, default=-1):
+        problems.append("confidence is higher than its evidence")
+    return problems
 
 
 class Terminology:
@@ -54,15 +88,19 @@ class Terminology:
         self.codesystem = _load(base / "codesystem.yaml")
         self.fhir = _load(base / "fhir.yaml")
         self.ae_map = _load(base / "adverse_events.yaml")
+        self.extensions = _load(base / "extensions.yaml")
         self._sources = {
             "codesystem": str(base / "codesystem.yaml"),
             "fhir": str(base / "fhir.yaml"),
             "ae": str(base / "adverse_events.yaml"),
+            "extensions": str(base / "extensions.yaml"),
         }
         # fail at start-up, naming the key, rather than half-way through a run
         self.trial_system = str(_require(self.codesystem, self._sources["codesystem"], "url"))
         for key in ("systems", "condition", "body_sites", "adverse_event", "value_sets"):
             _require(self.fhir, self._sources["fhir"], key)
+        for key in ("canonical_base", "trial", "external"):
+            _require(self.extensions, self._sources["extensions"], key)
         self._check_ae_terms()
 
     # -- systems ----------------------------------------------------------------------------
@@ -139,14 +177,26 @@ class Terminology:
         return _require(self.fhir, self._sources["fhir"], "research_r5", key)
 
     def _check_ae_terms(self) -> None:
-        from fhir_adapter.domain.records import AeTerm
-
-        terms = _require(self.ae_map, self._sources["ae"], "terms")
+        source = self._sources["ae"]
+        terms = _require(self.ae_map, source, "terms")
         missing = [t.value for t in AeTerm if t.value not in terms]
         if missing:
-            raise ConfigurationError(f"{self._sources['ae']}: terms: missing {', '.join(missing)}")
+            raise ConfigurationError(f"{source}: terms: missing {', '.join(missing)}")
+        _require(self.ae_map, source, "meddra_version")
+        sources = self.ae_map.get("sources") or {}
+        for token, entry in terms.items():
+            for system_key in ("snomed", "meddra"):
+                if system_key not in entry:
+                    continue
+                problems = ae_code_problems(entry[system_key], sources)
+                if system_key == "meddra" and entry[system_key].get("level") not in MEDDRA_LEVELS:
+                    problems.append("MedDRA level (LLT, PT, ...) missing")
+                if problems:
+                    where = f"terms.{token}.{system_key}"
+                    raise ConfigurationError(f"{source}: {where}: {'; '.join(problems)}")
 
     def ae_term(self, token: str) -> AeTermCodes:
+        """SNOMED CT and MedDRA codings of an AE token; MedDRA codings carry their version."""
         entry = self.ae_map["terms"][token]
         systems = self.ae_map["systems"]
         codings: list[Coding] = []
@@ -155,13 +205,32 @@ class Terminology:
             code = entry.get(system_key)
             if not code:
                 continue
-            coding = {
-                "system": str(systems[system_key]),
-                "code": str(code["code"]),
-                "display": str(code["display"]),
-            }
+            coding = {"system": str(systems[system_key])}
+            if system_key == "meddra":
+                coding["version"] = str(self.ae_map["meddra_version"])
+            coding["code"] = str(code["code"])
+            coding["display"] = str(code["display"])
             (candidates if code.get("review") else codings).append(coding)
         return AeTermCodes(token, str(entry["display"]), tuple(codings), tuple(candidates))
+
+    def ae_causality(self, word: str, version: str = "R4") -> Coding | None:
+        """The adverse-event-causality-assess Coding of a source causality word (None: none)."""
+        code = self.ae("causality", version)[word]
+        if code is None:
+            return None
+        display = str(self.ae("causality_display", version)[code])
+        return self.coding("ae_causality", str(code), display)
+
+    # -- extensions ---------------------------------------------------------------------------
+    def trial_extension(self, extension_id: str) -> str:
+        """Canonical URL of an extension the trial defines (extensions.yaml ``trial``)."""
+        _require(self.extensions, self._sources["extensions"], "trial", extension_id)
+        base = _require(self.extensions, self._sources["extensions"], "canonical_base")
+        return f"{base}/StructureDefinition/{extension_id}"
+
+    def external_extension(self, key: str) -> str:
+        """URL of a published extension (extensions.yaml ``external``)."""
+        return str(_require(self.extensions, self._sources["extensions"], "external", key))
 
     # -- value sets -------------------------------------------------------------------------
     def value_sets(self, version: str) -> dict[str, frozenset[str]]:

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 from functools import cache
 from typing import Any
 
+from fhir.resources import get_fhir_model_class as r5_model
+from fhir.resources.R4B import get_fhir_model_class as r4b_model
 from pydantic import ValidationError
 
 from fhir_adapter.errors import AdapterError, ExitCode
@@ -28,11 +30,7 @@ class InvalidResource(AdapterError):
 @cache
 def _model(version: str, resource_type: str) -> Any:
     if version == "R4":
-        from fhir.resources.R4B import get_fhir_model_class as r4b_model
-
         return r4b_model(resource_type)
-    from fhir.resources import get_fhir_model_class as r5_model
-
     return r5_model(resource_type)
 
 
