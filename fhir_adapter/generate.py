@@ -428,6 +428,27 @@ _PROFILES: dict[AeTerm, _AeProfile] = {
 _OTHER_TEXTS = ("acneiform eruption", "contact dermatitis to dressing", "headache", "mild fever")
 
 
+# reactions of the skin to the laser session itself: the investigator tends to blame the device
+_DEVICE_TYPICAL = frozenset({AeTerm.ERYTHEMA, AeTerm.BURNING, AeTerm.EDEMA, AeTerm.SKIN_BREAKDOWN})
+
+
+def _suspect(trial: Trial, arm: str, event: Mapping[str, str]) -> str:
+    """Which intervention(s) the causality judgement concerns, often not stated (SPEC §3).
+
+    Drawn from a generator of its own, seeded by the event, so the rest of the data set does
+    not depend on it.
+    """
+    rng = random.Random(f"suspect:{event['ae_id']}:{event['subject_id']}")  # noqa: S311
+    given = next(a.interventions for a in trial.arms if a.id == arm)
+    if event["causality"] == "unrelated" or rng.random() < 0.4:
+        return ""
+    devices = [i.id for i in trial.interventions if i.id in given and i.kind == "device"]
+    if AeTerm(event["term"]) in _DEVICE_TYPICAL and devices and rng.random() < 0.7:
+        return rng.choice(devices)
+    everything = len(given) > 1 and set(given) == {i.id for i in trial.interventions}
+    return "both" if everything and rng.random() < 0.5 else rng.choice(given)
+
+
 @dataclass
 class _Counter:
     value: int = 0
@@ -837,6 +858,7 @@ def _participant(
             )
         for event in sorted(events, key=lambda e: e["onset_on"]):
             event["ae_id"] = f"AE{ae_ids.next():04d}"
+            event["suspect"] = _suspect(trial, arm, event)
             out.write("adverse_events", event)
     return withdrawn_on is not None
 
@@ -1166,6 +1188,9 @@ def _bad_tables(trial: Trial, today: dt.date) -> dict[str, _Table]:
         (sat("B001", v2, level="average"), ("visit", "second response for the same visit")),
     ]
 
+    given_b = next(a.interventions for a in trial.arms if a.id == arm_b)
+    foreign_b = next((i.id for i in trial.interventions if i.id not in given_b), None)
+
     def ae(ae_id: str, subject: str, term: str, **values: str) -> dict[str, str]:
         onset = day(ft.get(subject, 13) + 1)
         return {
@@ -1240,7 +1265,19 @@ def _bad_tables(trial: Trial, today: dt.date) -> dict[str, _Table]:
             ae("AE0017", "B004", AeTerm.ERYTHEMA.value, visit=""),
             ("subject_id", "adverse event for a participant who is not enrolled", "warning"),
         ),
+        (
+            ae("AE0018", "B002", AeTerm.BURNING.value, suspect=given_b[0]),
+            None,
+        ),
+        (ae("AE0019", "B001", AeTerm.ITCHING.value, suspect="cream"), ("suspect", "unknown id")),
     ]
+    if foreign_b is not None:
+        ae_rows.append(
+            (
+                ae("AE0020", "B002", AeTerm.ITCHING.value, suspect=foreign_b),
+                ("suspect", "an intervention the participant's arm does not give"),
+            )
+        )
     return {
         "participants": participants,
         "eligibility": eligibility,

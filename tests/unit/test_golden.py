@@ -130,12 +130,42 @@ def test_r5_ndjson_matches_golden(trial: Trial) -> None:
     assert "arm" not in study
     assert [g["linkId"] for g in study["comparisonGroup"]] == ["combo", "laser"]
     assert study["recruitment"]["targetNumber"] == 60
-    ae = next(r for r in r5 if r["resourceType"] == "AdverseEvent")
-    assert "event" not in ae
-    assert "severity" not in ae
-    assert ae["status"] in ("completed", "in-progress")
-    assert "occurrenceDateTime" in ae
-    assert "code" in ae
+    ae1, ae2 = by_key["AdverseEvent/AE0001"], by_key["AdverseEvent/AE0002"]
+    for ae in (ae1, ae2):
+        assert "event" not in ae
+        assert "severity" not in ae
+        assert "code" in ae
+    # resolved: completed, the course as occurrencePeriod; ongoing: in-progress, onset only
+    assert ae1["status"] == "completed"
+    assert ae1["occurrencePeriod"] == {"start": "2025-01-11", "end": "2025-01-14"}
+    assert ae2["status"] == "in-progress"
+    assert ae2["occurrenceDateTime"] == "2025-04-15"
+    # causality only on the suspect (laser), lower-case R5 code, the source word as text
+    assert ae1["suspectEntity"] == [
+        {
+            "instanceReference": {
+                "reference": "Device/laser",
+                "display": "1565 nm non-ablative fractional laser",
+            },
+            "causality": {
+                "entityRelatedness": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/adverse-event-causality-assess",
+                            "code": "possible",
+                            "display": "Possible",
+                        }
+                    ],
+                    "text": "possibly_related",
+                }
+            },
+        }
+    ]
+    assert all("causality" not in s for s in ae2["suspectEntity"])
+    assert ae2["extension"][1] == {
+        "url": "urn:nct06677931/StructureDefinition/ae-causality-study-treatment",
+        "extension": [{"url": "productRelatedness", "valueString": "unrelated"}],
+    }
     # Observations are unchanged between versions
     r4 = {f"{r['resourceType']}/{r['id']}": r for r in map_golden(trial)}
     for key, resource in by_key.items():
@@ -180,11 +210,27 @@ def test_cli_map_gives_the_golden_bytes(tmp_path: Path, monkeypatch: pytest.Monk
     assert out.read_bytes().count(b"\n") == 82
 
 
-def test_hospital_output_differs_only_in_patients(trial: Trial, golden: list[Resource]) -> None:
+def test_hospital_output_differs_only_in_patients_and_free_text(
+    trial: Trial, golden: list[Resource]
+) -> None:
     hospital = map_golden(trial, "hospital")
-    assert [r for r in hospital if r["resourceType"] != "Patient"] == [
-        r for r in golden if r["resourceType"] != "Patient"
+    differ = ("Patient", "AdverseEvent")
+    assert [r for r in hospital if r["resourceType"] not in differ] == [
+        r for r in golden if r["resourceType"] not in differ
     ]
+    # the AEs differ only by the action taken (free text): hospital target only
+    mitigating = (
+        "http://hl7.org/fhir/uv/ae-research-backport-ig/StructureDefinition/mitigating-action"
+    )
+    events = {r["id"]: r for r in hospital if r["resourceType"] == "AdverseEvent"}
+    registry_events = {r["id"]: r for r in golden if r["resourceType"] == "AdverseEvent"}
+    for ae_id, action in [("AE0001", "none"), ("AE0002", "treatment withdrawn")]:
+        ae = events[ae_id]
+        (ext,) = [e for e in ae["extension"] if e["url"] == mitigating]
+        assert ext["extension"] == [{"url": "item", "valueCodeableConcept": {"text": action}}]
+        without = {**ae, "extension": [e for e in ae["extension"] if e["url"] != mitigating]}
+        assert without == registry_events[ae_id]
+        assert action.encode() not in dumpb(registry_events[ae_id])
     patients = {r["id"]: r for r in hospital if r["resourceType"] == "Patient"}
     assert patients["S001"]["birthDate"] == "1990-05-17"
     assert patients["S002"]["birthDate"] == "1985-11-30"
@@ -479,34 +525,67 @@ def test_golden_participants_satisfaction_and_events(g: dict[str, Resource]) -> 
         group = g[f"MeasureReport/satisfaction-m1-{rid}"]["group"][0]
         assert [p["count"] for p in group["population"]] == [num, den]
         assert Decimal(group["measureScore"]["value"]) == Decimal(rate)
-    # AE0001 burning: SNOMED only (the MedDRA candidate is review: true), grade 2 -> moderate,
-    # possibly related -> Possible, recovered -> resolved; combo arm -> exosomes and laser suspected
+    # AE0001 burning: no code (both candidates are review: true, no published evidence), grade
+    # 2 -> moderate, recovered -> resolved; suspect laser (combo arm): the causality
+    # (possibly_related -> Possible) on the laser Device only, the source word kept
     ae1 = g["AdverseEvent/AE0001"]
-    assert ae1["event"] == {
-        "coding": [
-            {"system": "http://snomed.info/sct", "code": "90673000", "display": "Burning sensation"}
-        ],
-        "text": "Burning sensation",
-    }
+    assert ae1["event"] == {"text": "Burning sensation"}
     assert ae1["seriousness"]["coding"][0]["code"] == "Non-serious"
     assert [c["code"] for c in ae1["severity"]["coding"]] == ["moderate", "2"]
     assert ae1["outcome"]["coding"][0]["code"] == "resolved"
-    assert [s["instance"]["reference"] for s in ae1["suspectEntity"]] == [
-        "Substance/exosomes",
-        "Device/laser",
+    assert ae1["suspectEntity"] == [
+        {
+            "instance": {
+                "reference": "Device/laser",
+                "display": "1565 nm non-ablative fractional laser",
+            },
+            "causality": [
+                {
+                    "assessment": {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/adverse-event-causality-assess",
+                                "code": "Possible",
+                                "display": "Possible",
+                            }
+                        ]
+                    },
+                    "productRelatedness": "possibly_related",
+                }
+            ],
+        }
     ]
-    assert {s["causality"][0]["assessment"]["coding"][0]["code"] for s in ae1["suspectEntity"]} == {
-        "Possible"
-    }
+    # its course (resolved 2025-01-14) in the R5 occurrence cross-version extension
+    assert ae1["extension"] == [
+        {
+            "url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-AdverseEvent.occurrence",
+            "valuePeriod": {"start": "2025-01-11", "end": "2025-01-14"},
+        }
+    ]
     assert ae1["encounter"] == {"reference": "Encounter/S001-m1"}
+    # ... recorded at m1, whose Encounter still starts on its first MASI (2025-02-09), not on
+    # the AE's onset (2025-01-11)
+    assert g["Encounter/S001-m1"]["period"] == {"start": "2025-02-09"}
     # AE0002 irritation: no code at all (the only candidate needs review), text only; grade 3 ->
-    # severe, serious -> Serious, not recovered -> ongoing, unrelated -> Unlikely; no visit
+    # severe, serious -> Serious, not recovered -> ongoing (no course extension); no suspect
+    # stated: both interventions of the combo arm, neither with causality, and the one judgement
+    # (unrelated -> no WHO-UMC code) in the trial extension; no visit
     ae2 = g["AdverseEvent/AE0002"]
     assert ae2["event"] == {"text": "Skin irritation"}
     assert ae2["seriousness"]["coding"][0]["code"] == "Serious"
     assert [c["code"] for c in ae2["severity"]["coding"]] == ["severe", "3"]
     assert ae2["outcome"]["coding"][0]["code"] == "ongoing"
-    assert {s["causality"][0]["assessment"]["coding"][0]["code"] for s in ae2["suspectEntity"]} == {
-        "Unlikely"
-    }
+    assert [s["instance"]["reference"] for s in ae2["suspectEntity"]] == [
+        "Substance/exosomes",
+        "Device/laser",
+    ]
+    assert all("causality" not in s for s in ae2["suspectEntity"])
+    assert ae2["extension"] == [
+        {
+            "url": "urn:nct06677931/StructureDefinition/ae-causality-study-treatment",
+            "extension": [{"url": "productRelatedness", "valueString": "unrelated"}],
+        }
+    ]
     assert "encounter" not in ae2
+    # free text of the source (action_taken) stays out of the registry output
+    assert b"treatment withdrawn" not in NDJSON.read_bytes()
