@@ -71,12 +71,22 @@ EXPECTED_OUTCOME = {
     "fatal": "fatal",
     "unknown": "unknown",
 }
-EXPECTED_CAUSALITY = {
-    "related": "Certain",
+# conservative (README): a CRF's "related" is not WHO-UMC Certain; "unrelated" has no WHO-UMC code
+EXPECTED_CAUSALITY: dict[str, str | None] = {
+    "related": "Probably-Likely",
     "possibly_related": "Possible",
     "unlikely_related": "Unlikely",
-    "unrelated": "Unlikely",
+    "unrelated": None,
 }
+STUDY_TREATMENT_EXT = "urn:nct06677931/StructureDefinition/ae-causality-study-treatment"
+OCCURRENCE_EXT = "http://hl7.org/fhir/5.0/StructureDefinition/extension-AdverseEvent.occurrence"
+MITIGATING_EXT = (
+    "http://hl7.org/fhir/uv/ae-research-backport-ig/StructureDefinition/mitigating-action"
+)
+OUT_OF_WINDOW_EXT = "urn:nct06677931/StructureDefinition/visit-out-of-window"
+ARM_INTERVENTIONS = {"combo": ["Substance/exosomes", "Device/laser"], "laser": ["Device/laser"]}
+SUSPECTED = {"exosomes": ["Substance/exosomes"], "laser": ["Device/laser"]}
+SUSPECTED["both"] = SUSPECTED["exosomes"] + SUSPECTED["laser"]
 
 Resource = dict[str, Any]
 
@@ -623,13 +633,49 @@ def test_hospital_target_adds_birth_date_and_mrn_only(hospital: Mapped, registry
         assert mrn[0]["system"] == "urn:fhir-adapter:hospital-mrn"  # the default setting
         assert not mrn[0]["system"].startswith(BASE)
         assert mrn[0]["type"]["coding"][0]["code"] == "MR"
-    # everything else is the same, byte for byte
-    strip = [
-        line for line in hospital.ndjson.splitlines() if b'"resourceType":"Patient"' not in line
-    ]
-    assert strip == [
-        line for line in registry.ndjson.splitlines() if b'"resourceType":"Patient"' not in line
-    ]
+    # everything else but the AEs' free text is the same, byte for byte
+    differ = (b'"resourceType":"Patient"', b'"resourceType":"AdverseEvent"')
+
+    def strip(ndjson: bytes) -> list[bytes]:
+        return [line for line in ndjson.splitlines() if not any(d in line for d in differ)]
+
+    assert strip(hospital.ndjson) == strip(registry.ndjson)
+
+
+def test_free_text_only_in_the_hospital_target(hospital: Mapped, registry: Mapped) -> None:
+    """term_text and action_taken are personal free text (AdverseEvent.personal_fields)."""
+    aes = rows(registry.directory, "adverse_events")
+    texts = {r["term_text"] for r in aes if r["term_text"]}
+    actions = {r["action_taken"] for r in aes if r["action_taken"]}
+    assert texts
+    assert actions
+    registry_text = b"\n".join(
+        line for line in registry.ndjson.splitlines() if b'"resourceType":"AdverseEvent"' in line
+    ).decode()
+    for text in texts | actions - {"none"}:
+        assert f'"{text}"' not in registry_text, text
+    for row in aes:
+        reg, hosp = (
+            registry.get("AdverseEvent", row["ae_id"]),
+            hospital.get("AdverseEvent", row["ae_id"]),
+        )
+        assert MITIGATING_EXT not in {e["url"] for e in reg.get("extension", [])}
+        validate_structure(hosp, "R4")  # the fixture checks value sets only
+        actions_given = [
+            e["extension"] for e in hosp.get("extension", []) if e["url"] == MITIGATING_EXT
+        ]
+        if row["action_taken"]:
+            assert actions_given == [
+                [{"url": "item", "valueCodeableConcept": {"text": row["action_taken"]}}]
+            ]
+        else:
+            assert actions_given == []
+        if row["term"] == "other":
+            other = {"system": TRIAL_CODES, "code": "other"}
+            assert reg["event"]["text"] == "Other"
+            assert [{k: c[k] for k in other} for c in reg["event"]["coding"]] == [other]
+            assert hosp["event"]["text"] == row["term_text"]
+            assert hosp["event"]["coding"] == reg["event"]["coding"]
 
 
 def test_mrn_system_comes_from_the_setting(monkeypatch: pytest.MonkeyPatch, trial: Trial) -> None:
@@ -664,18 +710,21 @@ def test_adverse_events_codes_and_r4_spellings(registry: Mapped, trial: Trial) -
         emitted = [
             {
                 "system": concept_map["systems"][s],
+                **({"version": concept_map["meddra_version"]} if s == "meddra" else {}),
                 "code": str(entry[s]["code"]),
                 "display": entry[s]["display"],
             }
             for s in ("snomed", "meddra")
             if entry.get(s) and not entry[s].get("review")
         ]
+        if term == "other":
+            emitted = [{"system": TRIAL_CODES, "code": "other", "display": ANY}]
         review = {
             str(entry[s]["code"]) for s in ("snomed", "meddra") if entry.get(s, {}).get("review")
         }
         assert ae["event"].get("coding", []) == emitted, row["ae_id"]
         assert not review & {c["code"] for c in ae["event"].get("coding", [])}
-        assert ae["event"]["text"] == (row["term_text"] if term == "other" else entry["display"])
+        assert ae["event"]["text"] == entry["display"]  # registry target: never the free text
         assert ae["actuality"] == "actual"
         assert ae["subject"] == {"reference": f"Patient/{row['subject_id']}"}
         assert ae["date"] == row["onset_on"]
@@ -697,42 +746,100 @@ def test_adverse_events_codes_and_r4_spellings(registry: Mapped, trial: Trial) -
         assert outcome["system"] == OUTCOME
         assert outcome["code"] in R4_OUTCOME
         assert outcome["code"] == EXPECTED_OUTCOME[row["outcome"]]
-        instances = [s["instance"]["reference"] for s in ae["suspectEntity"]]
-        assert instances == (
-            ["Substance/exosomes", "Device/laser"]
-            if arm_of[row["subject_id"]] == "combo"
-            else ["Device/laser"]
-        )
-        for suspect in ae["suspectEntity"]:
-            [assessment] = suspect["causality"][0]["assessment"]["coding"]
-            assert assessment["system"] == CAUSALITY
-            assert assessment["code"] in R4_CAUSALITY
-            assert assessment["code"] == EXPECTED_CAUSALITY[row["causality"]]
+        assert_causality(ae, row, arm_of[row["subject_id"]])
+        assert_course(ae, row)
         assert ae["study"] == [{"reference": "ResearchStudy/NCT06677931"}]
-    # the set has the interesting cases: a review-only MedDRA code, no code at all, free text
+    # the set has the interesting cases: a review-only term, no code at all, free text
     assert {"burning", "irritation", "other"} <= seen_terms
     burning = next(
         a for a in registry.by_type("AdverseEvent") if a["event"]["text"] == "Burning sensation"
     )
-    assert burning["event"]["coding"] == [
-        {"system": "http://snomed.info/sct", "code": "90673000", "display": "Burning sensation"}
-    ]
-    irritation = next(
-        a for a in registry.by_type("AdverseEvent") if a["event"]["text"] == "Skin irritation"
+    assert "coding" not in burning["event"]  # both candidates are review: true
+    dryness = next(a for a in registry.by_type("AdverseEvent") if a["event"]["text"] == "Dryness")
+    assert dryness["event"]["coding"][1] == {
+        "system": "https://www.meddra.org",
+        "version": "12.0",
+        "code": "10013786",
+        "display": "Dry skin",
+    }
+
+
+class _Any:
+    def __eq__(self, other: object) -> bool:
+        return True
+
+
+ANY: Any = _Any()
+
+
+def assert_causality(ae: Resource, row: dict[str, str], arm: str) -> None:
+    """The judgement only where the source puts it (SPEC §3 ``suspect``)."""
+    expected = EXPECTED_CAUSALITY[row["causality"]]
+    causality = [{"productRelatedness": row["causality"]}]
+    if expected is not None:
+        coding = {"system": CAUSALITY, "code": expected, "display": ANY}
+        causality = [{"assessment": {"coding": [coding]}, **causality[0]}]
+    entities = ae.get("suspectEntity", [])
+    extensions = [e for e in ae.get("extension", []) if e["url"] == STUDY_TREATMENT_EXT]
+    if row["suspect"]:
+        # exactly the suspected intervention(s), each with the judgement; no study-level one
+        assert [e["instance"]["reference"] for e in entities] == SUSPECTED[row["suspect"]]
+        assert all(e["causality"] == causality for e in entities), row["ae_id"]
+        assert extensions == []
+    else:
+        # every intervention of the arm, none credited with the judgement
+        assert [e["instance"]["reference"] for e in entities] == ARM_INTERVENTIONS[arm]
+        assert all("causality" not in e for e in entities), row["ae_id"]
+        parts = [{"url": "productRelatedness", "valueString": row["causality"]}]
+        if expected is not None:
+            coding = {"system": CAUSALITY, "code": expected, "display": ANY}
+            parts.insert(0, {"url": "assessment", "valueCodeableConcept": {"coding": [coding]}})
+        assert [e["extension"] for e in extensions] == [parts]
+    for entity in entities:
+        for causality_entry in entity.get("causality", []):
+            for coding in causality_entry.get("assessment", {}).get("coding", []):
+                assert coding["code"] in R4_CAUSALITY
+                assert coding["code"] != "Certain"  # never from a CRF's word alone
+
+
+def assert_course(ae: Resource, row: dict[str, str]) -> None:
+    """R4 keeps resolved_on (the R5 occurrence Period as a cross-version extension)."""
+    periods = [e["valuePeriod"] for e in ae.get("extension", []) if e["url"] == OCCURRENCE_EXT]
+    if row["resolved_on"]:
+        assert periods == [{"start": row["onset_on"], "end": row["resolved_on"]}]
+    else:
+        assert periods == []
+
+
+def test_causality_per_suspect_in_the_set(registry: Mapped) -> None:
+    """The synthetic set has each kind of suspect, in the combo arm too."""
+    arm_of = {p["subject_id"]: p["arm"] for p in rows(registry.directory, "participants")}
+    kinds = {
+        (arm_of[r["subject_id"]], r["suspect"]) for r in rows(registry.directory, "adverse_events")
+    }
+    assert {("combo", "laser"), ("combo", "both"), ("combo", ""), ("laser", "laser")} <= kinds
+    # an AE with suspect=laser in the combo arm: causality on the laser Device only
+    row = next(
+        r
+        for r in rows(registry.directory, "adverse_events")
+        if r["suspect"] == "laser" and arm_of[r["subject_id"]] == "combo"
     )
-    assert "coding" not in irritation["event"]
+    ae = registry.get("AdverseEvent", row["ae_id"])
+    assert [(e["instance"]["reference"], "causality" in e) for e in ae["suspectEntity"]] == [
+        ("Device/laser", True)
+    ]
 
 
 def test_review_candidates_are_kept_but_not_emitted(trial: Trial) -> None:
     term = Terminology(trial)
     burning = term.ae_term("burning")
-    assert [c["code"] for c in burning.codings] == ["90673000"]
-    assert [c["code"] for c in burning.candidates] == ["10054786"]
+    assert burning.codings == ()  # no published evidence for either code
+    assert [c["code"] for c in burning.candidates] == ["90673000", "10054786"]
     irritation = term.ae_term("irritation")
     assert irritation.codings == ()
     assert [c["code"] for c in irritation.candidates] == ["10040880"]
-    assert [c["code"] for c in term.ae_term("scar_formation").codings] == ["275322007"]
-    assert len(term.ae_term("itching").codings) == 2
+    assert term.ae_term("scar_formation").codings == ()
+    assert [c["code"] for c in term.ae_term("itching").codings] == ["418363000", "10037087"]
 
 
 def test_provenance_for_derived_values(registry: Mapped) -> None:
@@ -906,3 +1013,89 @@ def test_structurally_invalid_resource_is_rejected(
     change(bad)
     with pytest.raises(InvalidResource, match="is not valid FHIR R4"):
         validate_structure(bad, "R4")
+
+
+# -- encounters: accepted assessments only, AE dates never; window flag ---------------------------
+def _golden_copy(tmp_path: Path) -> Path:
+    golden_input = Path(__file__).resolve().parent.parent / "golden" / "input"
+    out = tmp_path / "input"
+    out.mkdir()
+    for path in golden_input.glob("*.csv"):
+        (out / path.name).write_bytes(path.read_bytes())
+    return out
+
+
+def _append(path: Path, line: str) -> None:
+    path.write_text(path.read_text(encoding="utf-8") + line + "\n", encoding="utf-8")
+
+
+def test_encounter_start_ignores_rejected_rows_and_ae_onsets(tmp_path: Path, trial: Trial) -> None:
+    data = _golden_copy(tmp_path)
+    # rejected rows dated before the visit's first accepted assessment (2025-02-09): a D score of
+    # 9 (range 0-4), a rater id with a space, a second satisfaction answer for the same visit
+    _append(data / "masi.csv", "S001,m1,R3,2025-02-01,9,2,2,2,2,3,2,2,3,1,1,1")
+    _append(data / "pga.csv", "S001,m1,R 1,2025-02-02,3")
+    _append(data / "satisfaction.csv", "S001,m1,2025-02-03,very_satisfied,")  # duplicate visit
+    # an AE recorded at m1 with an onset weeks before it, and one at m3 (whose first
+    # assessment is 2025-04-10)
+    _append(
+        data / "adverse_events.csv",
+        "AE0003,S001,erythema,,2025-03-20,2025-03-22,m3,1,no,related,laser,recovered,,2025-04-10",
+    )
+    resources, _, intake = map_directory(data, trial)
+    assert intake.rejected == 3
+    by_id = {r["id"]: r for r in resources if r["resourceType"] == "Encounter"}
+    assert by_id["S001-m1"]["period"] == {"start": "2025-02-09"}  # AE0001 onset is 2025-01-11
+    assert by_id["S001-m3"]["period"] == {"start": "2025-04-10"}  # AE0003 onset is 2025-03-20
+    # an earlier *accepted* assessment does move it, whatever the row order
+    _append(data / "pga.csv", "S002,m1,R4,2025-03-05,5")  # another rater: rejected (duplicate)
+    lines = (data / "satisfaction.csv").read_text(encoding="utf-8").splitlines()
+    lines[2] = "S002,m1,2025-03-04,,30"  # S002's answer, 4 days before its MASI
+    (data / "satisfaction.csv").write_text("\n".join(lines[:3]) + "\n", encoding="utf-8")
+    resources, _, intake = map_directory(data, trial)
+    by_id = {r["id"]: r for r in resources if r["resourceType"] == "Encounter"}
+    assert by_id["S002-m1"]["period"] == {"start": "2025-03-04"}
+    assert all(OUT_OF_WINDOW_EXT not in str(e) for e in by_id.values())
+
+
+def test_encounter_of_an_ae_visit_without_assessment_has_no_period(
+    tmp_path: Path, trial: Trial
+) -> None:
+    data = _golden_copy(tmp_path)
+    _append(
+        data / "adverse_events.csv",
+        "AE0003,S002,dryness,,2025-04-01,,m2,1,no,unrelated,,recovering,,2025-04-07",
+    )
+    resources, _, _ = map_directory(data, trial)
+    encounter = next(r for r in resources if r["id"] == "S002-m2")
+    assert "period" not in encounter  # nothing dates the visit: an AE onset never does
+    ae = next(r for r in resources if r["id"] == "AE0003")
+    assert ae["encounter"] == {"reference": "Encounter/S002-m2"}
+    assert ae["suspectEntity"] == [
+        {
+            "instance": {
+                "reference": "Device/laser",
+                "display": "1565 nm non-ablative fractional laser",
+            }
+        }
+    ]
+
+
+def test_out_of_window_assessment_marks_its_encounter(tmp_path: Path, trial: Trial) -> None:
+    data = _golden_copy(tmp_path)
+    # S002: first treatment 2025-02-06; m1 = day 30 +- 7 -> 2025-02-27 .. 2025-03-15. Its PGA on
+    # 2025-03-20 is day 42: outside (a warning, the row is kept)
+    text = (data / "pga.csv").read_text(encoding="utf-8")
+    (data / "pga.csv").write_text(text.replace("S002,m1,R2,2025-03-08", "S002,m1,R2,2025-03-20"))
+    resources, _, intake = map_directory(data, trial)
+    assert intake.rejected == 0
+    assert [i.field for i in intake.issues if i.severity == "warning"] == ["assessed_on"]
+    encounters = {r["id"]: r for r in resources if r["resourceType"] == "Encounter"}
+    flagged = {
+        key
+        for key, enc in encounters.items()
+        if {"url": OUT_OF_WINDOW_EXT, "valueBoolean": True} in enc["extension"]
+    }
+    assert flagged == {"S002-m1"}
+    assert encounters["S002-m1"]["period"] == {"start": "2025-03-08"}  # the MASI, in window
+    validate_structure(encounters["S002-m1"], "R4")

@@ -258,6 +258,14 @@ def test_encounter_r5_shape(r5_out: ByType) -> None:
 
 
 # -- AdverseEvent ----------------------------------------------------------------------------
+OCCURRENCE_EXT = "http://hl7.org/fhir/5.0/StructureDefinition/extension-AdverseEvent.occurrence"
+STUDY_TREATMENT_EXT = "urn:nct06677931/StructureDefinition/ae-causality-study-treatment"
+
+
+def _lower(concept: dict[str, Any]) -> list[str]:
+    return [c["code"].lower() for c in concept.get("coding", [])]
+
+
 def test_adverse_event_r5_shape(r5_out: ByType, r4_out: ByType) -> None:
     r4_events = {ae["id"]: ae for ae in r4_out["AdverseEvent"]}
     statuses = set()
@@ -266,13 +274,26 @@ def test_adverse_event_r5_shape(r5_out: ByType, r4_out: ByType) -> None:
         for r4_only in ("event", "date", "severity"):
             assert r4_only not in ae
         assert ae["code"] == r4_ae["event"]
-        assert ae["occurrenceDateTime"] == r4_ae["date"]
+        # the course: R5 has the element that R4 carries as the cross-version extension
+        r4_course = [
+            e["valuePeriod"] for e in r4_ae.get("extension", []) if e["url"] == OCCURRENCE_EXT
+        ]
+        if r4_course:
+            assert ae["occurrencePeriod"] == r4_course[0]
+            assert "occurrenceDateTime" not in ae
+        else:
+            assert ae["occurrenceDateTime"] == r4_ae["date"]
+            assert "occurrencePeriod" not in ae
         assert ae["identifier"] == [r4_ae["identifier"]]
         assert ae["meta"] == r4_ae["meta"]
         statuses.add(ae["status"])
-        if _codes(r4_ae["outcome"], "http://terminology.hl7.org/CodeSystem/adverse-event-outcome")[
-            0
-        ] in ("resolved", "resolvedWithSequelae", "fatal"):
+        if (
+            _codes(r4_ae["outcome"], "http://terminology.hl7.org/CodeSystem/adverse-event-outcome")[
+                0
+            ]
+            in ("resolved", "resolvedWithSequelae", "fatal")
+            or r4_course
+        ):
             assert ae["status"] == "completed"
         (ext,) = [e for e in ae["extension"] if e["url"] == SEVERITY_EXT]
         assert ext["valueCodeableConcept"]["coding"] == r4_ae["severity"]["coding"]
@@ -280,15 +301,57 @@ def test_adverse_event_r5_shape(r5_out: ByType, r4_out: ByType) -> None:
         assert _codes(ae["seriousness"], SERIOUSNESS) == [r4_serious.lower()]
         assert isinstance(ae["outcome"], list)
         assert ae["outcome"][0]["coding"][0]["display"]
-        assert len(ae["suspectEntity"]) == len(r4_ae["suspectEntity"])
-        for entity, r4_entity in zip(ae["suspectEntity"], r4_ae["suspectEntity"], strict=True):
+        # the same suspects as R4, the judgement on the same ones, R5 codes, source word as text
+        entities, r4_entities = ae.get("suspectEntity", []), r4_ae.get("suspectEntity", [])
+        assert len(entities) == len(r4_entities)
+        for entity, r4_entity in zip(entities, r4_entities, strict=True):
             assert "instance" not in entity
             assert entity["instanceReference"] == r4_entity["instance"]
-            relatedness = entity["causality"]["entityRelatedness"]
-            r4_code = _codes(r4_entity["causality"][0]["assessment"], CAUSALITY)[0]
-            assert _codes(relatedness, CAUSALITY) == [r4_code.lower()]
+            assert ("causality" in entity) == ("causality" in r4_entity)
+            if "causality" in entity:
+                relatedness = entity["causality"]["entityRelatedness"]
+                r4_causality = r4_entity["causality"][0]
+                assert _lower(relatedness) == _lower(r4_causality.get("assessment", {}))
+                assert relatedness["text"] == r4_causality["productRelatedness"]
+                assert all(c["code"] == c["code"].lower() for c in relatedness.get("coding", []))
+        r5_study = [e for e in ae["extension"] if e["url"] == STUDY_TREATMENT_EXT]
+        r4_study = [e for e in r4_ae.get("extension", []) if e["url"] == STUDY_TREATMENT_EXT]
+        assert len(r5_study) == len(r4_study)
+        for r5_ext, r4_ext in zip(r5_study, r4_study, strict=True):
+            r5_parts = {p["url"]: p for p in r5_ext["extension"]}
+            r4_parts = {p["url"]: p for p in r4_ext["extension"]}
+            assert r5_parts["productRelatedness"] == r4_parts["productRelatedness"]
+            assert _lower(r5_parts.get("assessment", {}).get("valueCodeableConcept", {})) == _lower(
+                r4_parts.get("assessment", {}).get("valueCodeableConcept", {})
+            )
+        assert "mitigatingAction" not in ae  # free text: hospital target only
         assert ae["study"] == [{"reference": "ResearchStudy/NCT06677931"}]
     assert statuses == {"completed", "in-progress"}
+
+
+def test_r5_hospital_target_keeps_the_action_taken(
+    trial: Trial, generated: tuple[Path, GenerateSummary]
+) -> None:
+    ctx = MappingContext(
+        trial=trial, terminology=Terminology(trial), fhir_version="R5", target="hospital"
+    )
+    intake = Intake(trial=trial, today=TODAY)
+    events = [
+        r
+        for r in validated(
+            DatasetMapper(ctx, intake).resources(generated[0]), ctx.terminology, "R5"
+        )
+        if r["resourceType"] == "AdverseEvent"
+    ]
+    with_action = [e for e in events if "mitigatingAction" in e]
+    assert with_action
+    for event in with_action:
+        (action,) = event["mitigatingAction"]
+        assert set(action) == {"itemCodeableConcept"}
+        assert action["itemCodeableConcept"]["text"]
+    others = [e for e in events if e["code"].get("coding", [{}])[0].get("code") == "other"]
+    assert others
+    assert all(e["code"]["text"] != "Other" for e in others)  # the free text itself
 
 
 def test_measure_report_score_is_measure_score_quantity(r5_out: ByType) -> None:
