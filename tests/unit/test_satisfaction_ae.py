@@ -1,4 +1,5 @@
-"""Satisfaction levels and rates, adverse-event summaries (SPEC 4), hand-computed."""
+"""Satisfaction levels and rates, adverse-event summaries (SPEC 4), hand-computed; the AE
+``suspect`` rules of intake (SPEC 3)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from fhir_adapter.domain import (
     AdverseEvent,
@@ -14,6 +16,7 @@ from fhir_adapter.domain import (
     SatisfactionLevel,
     SatisfactionResponse,
 )
+from fhir_adapter.intake import Intake
 from fhir_adapter.scoring import (
     AeSummaryRow,
     level_from_improvement,
@@ -247,3 +250,63 @@ def test_ae_summary_ignores_screen_failures_entirely() -> None:
 
 def test_ae_incidence_undefined_for_empty_arm() -> None:
     assert AeSummaryRow("combo", "edema", participants_in_arm=0).incidence_pct is None
+
+
+# ------------------------------------------------------------------------------ AE suspects
+
+
+def _ae_row(subject: str, suspect: str) -> dict[str, Any]:
+    return {
+        "ae_id": f"AE-{subject}-{suspect or 'none'}",
+        "subject_id": subject,
+        "term": "erythema",
+        "onset_on": "2024-10-05",
+        "grade": "1",
+        "serious": "no",
+        "causality": "related",
+        "suspect": suspect,
+        "outcome": "recovered",
+    }
+
+
+def test_suspect_names_interventions_of_the_study() -> None:
+    assert event("AE1", "S001", "erythema", 1).suspected(TRIAL) == ()
+    row = {**_ae_row("S001", "both")}
+    assert AdverseEvent.model_validate(row, context=CTX).suspected(TRIAL) == ("exosomes", "laser")
+    row = {**_ae_row("S001", "laser")}
+    assert AdverseEvent.model_validate(row, context=CTX).suspected(TRIAL) == ("laser",)
+    with pytest.raises(ValidationError, match="unknown suspect"):
+        AdverseEvent.model_validate(_ae_row("S001", "cream"), context=CTX)
+
+
+@pytest.mark.parametrize(
+    ("subject", "suspect", "accepted"),
+    [
+        ("S001", "laser", True),  # combo arm: exosomes + laser
+        ("S001", "exosomes", True),
+        ("S001", "both", True),
+        ("S001", "", True),  # not stated
+        ("S002", "laser", True),  # laser arm
+        ("S002", "exosomes", False),  # the laser arm gives no exosomes
+        ("S002", "both", False),
+        ("S003", "laser", False),  # never enrolled: received nothing
+        ("S003", "", True),
+    ],
+)
+def test_a_suspect_outside_the_participants_arm_rejects_the_row(
+    subject: str, suspect: str, accepted: bool
+) -> None:
+    intake = Intake(trial=TRIAL)
+    for p in (
+        {"subject_id": "S001", "arm": "combo", "enrolled_on": "2024-09-01"},
+        {"subject_id": "S002", "arm": "laser", "enrolled_on": "2024-09-01"},
+        {"subject_id": "S003", "arm": "", "enrolled_on": ""},
+    ):
+        row = {"sex": "female", "birth_date": "1990-01-01", "consent_date": "2024-08-30", **p}
+        assert intake.accept("participants", row, "participants.csv", 2) is not None
+    record = intake.accept("adverse_events", _ae_row(subject, suspect), "adverse_events.csv", 2)
+    assert (record is not None) is accepted
+    if not accepted:
+        (issue,) = [i for i in intake.issues if i.severity == "error"]
+        assert (issue.file, issue.line, issue.field) == ("adverse_events.csv", 2, "suspect")
+        assert "arm" in issue.reason
