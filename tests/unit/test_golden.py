@@ -29,6 +29,7 @@ import pytest
 from click.testing import CliRunner
 
 from fhir_adapter import __version__
+from fhir_adapter.cli import cli
 from fhir_adapter.intake import Intake
 from fhir_adapter.jsonout import dumpb, dumps
 from fhir_adapter.mapping.context import MappingContext
@@ -187,8 +188,6 @@ def test_bundles_match_golden(golden: list[Resource], tmp_path: Path) -> None:
 
 
 def test_cli_map_gives_the_golden_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fhir_adapter.cli import cli
-
     for key in list(os.environ):
         if key.startswith("FHIR_ADAPTER_"):
             monkeypatch.delenv(key)

@@ -24,6 +24,7 @@ import yaml
 
 from fhir_adapter.generate import generate
 from fhir_adapter.intake import Intake
+from fhir_adapter.jsonout import dumpb
 from fhir_adapter.mapping.context import MappingContext
 from fhir_adapter.mapping.dataset import DatasetMapper
 from fhir_adapter.mapping.output import write_bundles
@@ -108,8 +109,6 @@ def map_directory(
     **kw: Any,
 ) -> tuple[list[Resource], bytes, Intake]:
     """Resources (validated like the CLI does), their NDJSON bytes and the intake used."""
-    from fhir_adapter.jsonout import dumpb
-
     ctx = make_context(trial, target, **kw)
     intake = Intake(trial=trial, today=today)
     resources = list(

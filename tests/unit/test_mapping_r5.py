@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import inspect
 import itertools
 from collections import defaultdict
 from collections.abc import Iterator
@@ -396,8 +397,6 @@ def test_value_sets_reject_the_other_versions_spelling(
 
 
 def test_r5_module_mirrors_the_r4_interface() -> None:
-    import inspect
-
     for name in r4.__all__:
         assert hasattr(r5, name), name
         r4_obj, r5_obj = getattr(r4, name), getattr(r5, name)
