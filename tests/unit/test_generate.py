@@ -183,7 +183,9 @@ def test_gb18030_file_is_not_utf8(generated: tuple[Path, GenerateSummary]) -> No
 
 def test_scaled_and_truncated_sets_stay_valid(tmp_path: Path, trial: Trial) -> None:
     today = dt.date(2025, 6, 1)
-    summary = generate(tmp_path, seed=3, n_participants=120, today=today, with_bad=False)
+    summary = generate(
+        tmp_path, seed=3, n_participants=120, today=today, with_bad=False, elapsed_days=277
+    )
     assert summary.enrolled == 120
     assert summary.screen_failures == 12
     assert summary.bad_files == ()
@@ -202,5 +204,7 @@ def test_scaled_and_truncated_sets_stay_valid(tmp_path: Path, trial: Trial) -> N
 def test_rejects_nonsense_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="n_participants"):
         generate(tmp_path, n_participants=0)
-    with pytest.raises(ValueError, match="today"):
-        generate(tmp_path, today=dt.date(2024, 9, 1))
+    with pytest.raises(ValueError, match="elapsed_days"):
+        generate(tmp_path, elapsed_days=20)
+    with pytest.raises(ValueError, match="elapsed_days"):
+        generate(tmp_path / "short", elapsed_days=100)  # too short for the bad/ set
