@@ -482,7 +482,7 @@ class Intake:
         report.rejected += 1
         issue = Issue(file, raw.line, raw.problem.field, raw.problem.reason)
         if kind == "participants":
-            self._note_rejected_participant(raw.values, file, raw.line)
+            self._note_rejected_participant(raw.partial, file, raw.line)
         self._report([issue])
         if self.rejects is not None:
             self.rejects.write(file, columns, {}, [issue], text=raw.text)

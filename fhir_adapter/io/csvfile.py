@@ -37,10 +37,11 @@ import codecs
 import difflib
 import errno
 import os
+import re
 import stat
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -83,6 +84,9 @@ class RawRow:
     values: dict[str, str]  # known columns only (empty when ``problem`` is set)
     problem: RowProblem | None = None
     text: str | None = None  # the record's first physical line, when it could not be split
+    #: with ``problem``: the cells read before it (best effort, to explain cascades - e.g.
+    #: which participant a rejected row was - never taken as data)
+    partial: dict[str, str] = field(default_factory=dict)
 
 
 # -- the path ------------------------------------------------------------------------------
@@ -281,14 +285,24 @@ class _Splitter:
             return None
         return self.header[column] or None
 
-    def split(self, first: _Line, lines: _Lines | None, consumed: list[_Line]) -> list[str]:
-        """The cells of the record starting on ``first``; continuation lines (of a quoted
-        multi-line cell) are taken from ``lines`` and recorded in ``consumed``."""
-        cells: list[str] = []
+    def split(
+        self,
+        first: _Line,
+        lines: _Lines | None,
+        consumed: list[_Line],
+        cells: list[str] | None = None,
+    ) -> list[str]:
+        """The cells of the record starting on ``first`` (appended to ``cells``, which keeps
+        those read before a problem); continuation lines (of a quoted multi-line cell) are
+        taken from ``lines`` and recorded in ``consumed``."""
+        cells = [] if cells is None else cells
         text, pos = first.text, 0
+        start_is_a_row = self._naive_row(first.text)
         while True:
             if text.startswith('"', pos):
-                cell, text, pos = self._quoted(len(cells), text, pos + 1, lines, consumed)
+                cell, text, pos = self._quoted(
+                    len(cells), text, pos + 1, lines, consumed, start_is_a_row
+                )
                 cells.append(cell)
                 if pos == len(text):
                     return cells
@@ -315,7 +329,13 @@ class _Splitter:
             pos = comma + 1
 
     def _quoted(
-        self, column: int, text: str, pos: int, lines: _Lines | None, consumed: list[_Line]
+        self,
+        column: int,
+        text: str,
+        pos: int,
+        lines: _Lines | None,
+        consumed: list[_Line],
+        start_is_a_row: bool,
     ) -> tuple[str, str, int]:
         parts: list[str] = []
         size = 0
@@ -325,7 +345,7 @@ class _Splitter:
             if quote < 0:
                 parts.append(text[pos:])
                 size += len(text) - pos
-                text, pos = self._next_line(column, size, lines, consumed)
+                text, pos = self._next_line(column, size, lines, consumed, start_is_a_row)
                 parts.append("\n")
                 size += 1
                 breaks = True
@@ -342,7 +362,12 @@ class _Splitter:
             return "".join(parts), text, quote + 1
 
     def _next_line(
-        self, column: int, size: int, lines: _Lines | None, consumed: list[_Line]
+        self,
+        column: int,
+        size: int,
+        lines: _Lines | None,
+        consumed: list[_Line],
+        start_is_a_row: bool,
     ) -> tuple[str, int]:
         name = self._name(column)
         if lines is None:
@@ -360,9 +385,19 @@ class _Splitter:
         if following is None:
             raise _Malformed(name, "unbalanced quote: the quoted value is never closed")
         consumed.append(following)
-        if following.too_long or self.is_record(following):
+        # A line that is a row of its own is not text: the quote is a stray one. Either it is
+        # a well-formed row, or it and the line the record began on both hold exactly a row's
+        # worth of separators (two rows, each with a stray quote).
+        swallowed = self.is_record(following) or (
+            start_is_a_row and self._naive_row(following.text)
+        )
+        if following.too_long or swallowed:
             raise _Malformed(name, "unbalanced quote: the quoted value would swallow the next row")
         return following.text, 0
+
+    def _naive_row(self, text: str) -> bool:
+        """Split at every comma, ``text`` has exactly the header's number of cells."""
+        return self.header is not None and text.count(",") == len(self.header) - 1
 
     def is_record(self, line: _Line) -> bool:
         """Whether ``line`` on its own is a complete, well-formed row of the header's width."""
@@ -436,6 +471,7 @@ def _hint(column: str, extras: Sequence[str]) -> str:
 
 # -- the file --------------------------------------------------------------------------------
 REJECTS_MARKER = "rejected_line"
+_HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 class CsvFile:
@@ -511,6 +547,10 @@ class CsvFile:
             text = _strip_eol(head.decode("utf-8-sig"))
         except UnicodeDecodeError as exc:
             raise _not_utf8(self.name, 1, head[: exc.start + 4096]) from None
+        if _HEADER_CONTROLS.search(text):
+            raise InputUnreadable(
+                f"{self.name}: binary data, not CSV text (control characters in line 1)"
+            )
         if "\r" in text:
             raise InputUnreadable(
                 f"{self.name}: line 1: a carriage return inside the header (old Mac line "
@@ -554,12 +594,13 @@ class CsvFile:
                 if not line.text.strip():
                     continue
                 consumed: list[_Line] = []
+                cells: list[str] = []
                 try:
-                    cells = self._splitter.split(line, lines, consumed)
+                    self._splitter.split(line, lines, consumed, cells)
                 except _Malformed as bad:
                     lines.push_back(consumed)
                     problem = RowProblem(bad.field, bad.reason)
-                    yield RawRow(line.number, {}, problem, line.text)
+                    yield RawRow(line.number, {}, problem, line.text, self._partial(cells))
                     continue
                 if _blank(cells):
                     continue
@@ -569,13 +610,18 @@ class CsvFile:
                     reason = f"{len(cells)} cells where the header has {width}" + (
                         f" ({hint})" if hint else ""
                     )
-                    yield RawRow(line.number, {}, RowProblem(None, reason), line.text)
+                    # only the first cell is surely in its column
+                    lead = self._partial(cells[:1])
+                    yield RawRow(line.number, {}, RowProblem(None, reason), line.text, lead)
                     continue
                 yield RawRow(line.number, {h: cells[i] for i, h in self._index})
         except UnicodeDecodeError:  # the file changed since it was checked
             raise InputUnreadable(f"{self.name}: not UTF-8 (changed while being read)") from None
         finally:
             self.close()
+
+    def _partial(self, cells: Sequence[str]) -> dict[str, str]:
+        return {h: cells[i] for i, h in self._index if i < len(cells)}
 
     def close(self) -> None:
         if hasattr(self, "_fh"):
