@@ -138,6 +138,8 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"PK\x03\x04", "a zip archive (an Excel .xlsx workbook is one), not CSV text"),
     (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an Excel 97-2003 workbook (.xls), not CSV text"),
     (b"%PDF", "a PDF document, not CSV text"),
+    (b"\x89PNG", "a PNG image, not CSV text"),
+    (b"\xff\xd8\xff", "a JPEG image, not CSV text"),
 )
 _REEXPORT = "export or save it as 'CSV UTF-8'"
 
@@ -186,12 +188,16 @@ def _looks_like_gb18030(sample: bytes) -> bool:
 
 
 def _not_utf8(name: str, line: int, sample: bytes) -> InputUnreadable:
+    """What a sample of bytes that are not UTF-8 (from the line of the first bad one) is."""
     controls = sum(b < 0x20 and b not in (0x09, 0x0A, 0x0D) for b in sample)
-    if controls * 20 > len(sample):
+    high = sum(b >= 0x80 for b in sample)
+    gb = _looks_like_gb18030(sample)
+    # text in a legacy single-byte encoding is mostly ASCII with few control bytes
+    if controls * 20 > len(sample) or (not gb and high * 10 > len(sample) * 3):
         return InputUnreadable(
             f"{name}: binary data, not CSV text (first non-text byte on line {line})"
         )
-    if _looks_like_gb18030(sample):
+    if gb:
         return InputUnreadable(
             f"{name}: not UTF-8 (first invalid byte on line {line}); the file looks like a "
             "spreadsheet export in a legacy Chinese encoding (GB18030/GBK) - re-export it as "
