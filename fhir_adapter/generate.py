@@ -942,6 +942,11 @@ def _not_in(values: Sequence[str] | frozenset[str], candidate: str) -> str:
     return candidate
 
 
+def _unpadded(day: dt.date) -> str:
+    """A date of ``day``'s month written without zero padding (2024-9-5): not YYYY-MM-DD."""
+    return f"{day.year}-{day.month}-5"
+
+
 def _bad_tables(trial: Trial, today: dt.date, start: dt.date) -> dict[str, _Table]:
     """Rows of every file in bad/, each with the problem it carries (None = valid row)."""
     base = trial.baseline_visit
@@ -955,6 +960,9 @@ def _bad_tables(trial: Trial, today: dt.date, start: dt.date) -> dict[str, _Tabl
     def day(n: int) -> str:
         return _iso(start + dt.timedelta(days=n))
 
+    def born(years: int, days: int) -> str:  # ``years`` completed on the study's first day
+        return _iso(_add_years(start, -years) - dt.timedelta(days=days))
+
     ft = {"B001": 13, "B002": 15, "B003": 16}
 
     def on(subject: str, visit: str, shift: int = 0) -> str:
@@ -962,7 +970,7 @@ def _bad_tables(trial: Trial, today: dt.date, start: dt.date) -> dict[str, _Tabl
         return day(ft.get(subject, 13) + offset + shift)
 
     def person(subject: str, **values: str) -> dict[str, str]:
-        return {"subject_id": subject, "sex": "female", "birth_date": "1990-03-14"} | values
+        return {"subject_id": subject, "sex": "female", "birth_date": born(34, 167)} | values
 
     participants: _Table = [
         (
@@ -981,7 +989,7 @@ def _bad_tables(trial: Trial, today: dt.date, start: dt.date) -> dict[str, _Tabl
             person(
                 "B002",
                 arm=arm_b,
-                birth_date="1985-11-02",
+                birth_date=born(38, 300),
                 consent_date=day(6),
                 enrolled_on=day(9),
                 first_treatment_on=day(15),
@@ -994,7 +1002,7 @@ def _bad_tables(trial: Trial, today: dt.date, start: dt.date) -> dict[str, _Tabl
                 "B003",
                 arm=arm_b,
                 sex="male",
-                birth_date="1992-06-20",
+                birth_date=born(32, 69),
                 consent_date=day(7),
                 enrolled_on=day(12),
                 first_treatment_on=day(16),
@@ -1004,7 +1012,7 @@ def _bad_tables(trial: Trial, today: dt.date, start: dt.date) -> dict[str, _Tabl
             ),
             None,
         ),
-        (person("B004", birth_date="1993-01-08", consent_date=day(8)), None),
+        (person("B004", birth_date=born(31, 233), consent_date=day(8)), None),
         (
             person(
                 "B005",
@@ -1017,12 +1025,12 @@ def _bad_tables(trial: Trial, today: dt.date, start: dt.date) -> dict[str, _Tabl
         ),
         (person("B006", sex="F", consent_date=day(9)), ("sex", "'F' is not a sex code")),
         (
-            person("B007", birth_date="1990/05/12", consent_date=day(9)),
+            person("B007", birth_date=born(34, 108).replace("-", "/"), consent_date=day(9)),
             ("birth_date", "date not written YYYY-MM-DD"),
         ),
         (person("B008", consent_date=future), ("consent_date", "date in the future")),
         (
-            person("B009", birth_date="1988-02-30", consent_date=day(9)),
+            person("B009", birth_date=f"{start.year - 36}-02-30", consent_date=day(9)),
             ("birth_date", "not a real calendar date"),
         ),
         (person("B001", consent_date=day(5)), ("subject_id", "duplicate subject_id")),
@@ -1079,7 +1087,7 @@ def _bad_tables(trial: Trial, today: dt.date, start: dt.date) -> dict[str, _Tabl
             (other_exclusion, "answer is not yes/no/empty"),
         ),
         (screening("B001", future), ("screened_on", "date in the future")),
-        (screening("B001", "2024-13-01"), ("screened_on", "not a real calendar date")),
+        (screening("B001", f"{start.year}-13-01"), ("screened_on", "not a real calendar date")),
     ]
 
     def masi(
@@ -1116,7 +1124,9 @@ def _bad_tables(trial: Trial, today: dt.date, start: dt.date) -> dict[str, _Tabl
         (masi("B099", base, "R1", assessed_on=day(10)), ("subject_id", "unknown subject")),
         (masi("B001", v2, "R1", assessed_on=future), ("assessed_on", "date in the future")),
         (
-            masi("B001", v2, "R1", assessed_on="10/11/2024"),
+            masi(
+                "B001", v2, "R1", assessed_on=(start + dt.timedelta(days=74)).strftime("%m/%d/%Y")
+            ),
             ("assessed_on", "date not written YYYY-MM-DD"),
         ),
         (masi("B001", v2, "R#1"), ("rater_id", "not a valid identifier")),
@@ -1234,7 +1244,12 @@ def _bad_tables(trial: Trial, today: dt.date, start: dt.date) -> dict[str, _Tabl
         (ae("AE0013", "B099", AeTerm.ERYTHEMA.value), ("subject_id", "unknown subject")),
         (ae("AE0014", "B001", AeTerm.ERYTHEMA.value, visit="week2"), ("visit", "unknown visit")),
         (
-            ae("AE0015", "B001", AeTerm.ERYTHEMA.value, onset_on="2024-9-30"),
+            ae(
+                "AE0015",
+                "B001",
+                AeTerm.ERYTHEMA.value,
+                onset_on=_unpadded(start + dt.timedelta(days=33)),
+            ),
             ("onset_on", "date not written YYYY-MM-DD"),
         ),
         (
