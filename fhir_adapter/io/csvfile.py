@@ -303,6 +303,9 @@ class _Splitter:
         taken from ``lines`` and recorded in ``consumed``."""
         cells = [] if cells is None else cells
         text, pos = first.text, 0
+        if '"' not in text:  # most lines: nothing quoted, one split at C speed
+            cells.extend(text.split(","))
+            return cells
         start_is_a_row = self._naive_row(first.text)
         while True:
             if text.startswith('"', pos):
