@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     """Process exit codes (sysexits.h numbering)."""
 
     OK = 0
+    USAGE = 2  # a usage error, as click reports it (e.g. an output path that cannot be used)
     DATA_ERROR = 65  # some rows or records rejected; the valid ones were still processed
     INPUT_UNREADABLE = 66  # a file could not be read at all (missing, not UTF-8, missing columns)
     SERVER_UNAVAILABLE = 69  # the FHIR server could not be reached
@@ -38,6 +39,12 @@ class InvalidInput(AdapterError):
     """Input data is invalid (rows rejected)."""
 
     exit_code = ExitCode.DATA_ERROR
+
+
+class OutputRefused(AdapterError):
+    """An output or rejects path that cannot be used: an input, not writable, someone else's."""
+
+    exit_code = ExitCode.USAGE
 
 
 class InputUnreadable(AdapterError):

@@ -30,6 +30,7 @@ from fhir_adapter.domain.records import Record
 from fhir_adapter.eligibility import EligibilityResult, evaluate
 from fhir_adapter.errors import InputUnreadable
 from fhir_adapter.intake import KINDS, Intake, file_name
+from fhir_adapter.io.csvfile import source_exists
 from fhir_adapter.mapping import common, r4, r5
 from fhir_adapter.mapping.common import VisitFacts
 from fhir_adapter.mapping.context import MappingContext, Resource
@@ -108,11 +109,12 @@ class DatasetMapper:
         to it - starts on its earliest accepted date whatever the order of the rows, and a
         rejected row never moves it. Only these two facts per visit are kept.
         """
-        probe = Intake(trial=self.intake.trial, today=self.intake.today)
+        intake = self.intake
+        probe = Intake(trial=intake.trial, today=intake.today, settings=intake.settings)
         facts: dict[VisitKey, VisitFacts] = {}
         for kind in ("participants", *ASSESSMENT_KINDS):
             path = directory / file_name(kind)
-            if not path.is_file():
+            if not source_exists(path):
                 continue
             try:
                 for record in probe.read_csv(kind, path):
@@ -148,7 +150,7 @@ class DatasetMapper:
 
     def _read(self, directory: Path, kind: str, model: type[R]) -> Iterator[R]:
         path = directory / file_name(kind)
-        if not path.is_file():
+        if not source_exists(path):  # a directory or FIFO in its place is unreadable, not absent
             return
         self.present.add(kind)
         try:
@@ -192,7 +194,7 @@ class DatasetMapper:
         return complete
 
     def _sourced(self, directory: Path) -> Iterator[Sourced]:
-        if not (directory / file_name("participants")).is_file():
+        if not source_exists(directory / file_name("participants")):
             raise InputUnreadable(
                 f"{directory}: participants.csv is required (the other files refer to it)"
             )
