@@ -13,6 +13,7 @@ refused with one clear message before any row is produced.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -92,10 +93,21 @@ class View:
     where: list[Expression]
     root: Selection
     definition: Mapping[str, Any]
+    #: constants whose value the caller set (e.g. idbase from Settings)
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
+
+    def resolved_definition(self) -> dict[str, Any]:
+        """The ViewDefinition JSON with the caller's constant values written in (for Spark)."""
+        definition = copy.deepcopy(dict(self.definition))
+        for item in definition.get("constant", []):
+            if item.get("name") in self.overrides:
+                key = next(k for k in item if k.startswith("value"))
+                item[key] = self.overrides[item["name"]]
+        return definition
 
     def rows(self, resource: Mapping[str, Any]) -> Iterator[Row]:
         """The rows this view makes of one resource (none when it is of another type)."""
@@ -248,6 +260,7 @@ def _compile(definition: Mapping[str, Any], overrides: dict[str, Any]) -> View:
         where=where,
         root=root,
         definition=definition,
+        overrides=dict(overrides),
     )
 
 
