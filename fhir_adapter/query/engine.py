@@ -186,6 +186,17 @@ def _load(con: duckdb.DuckDBPyConnection, sink: _Sink, path: Path) -> None:
     )
 
 
+def load_rows(con: duckdb.DuckDBPyConnection, view: View, rows: Iterable[Row]) -> None:
+    """Rows made elsewhere (e.g. by Spark) into the view's table, typed as the engine types it."""
+    with tempfile.TemporaryDirectory(prefix="fhir-adapter-views-") as tmp:
+        path = Path(tmp) / "rows.jsonl"
+        with path.open("wb") as handle:
+            sink = _Sink(view, handle)
+            for row in rows:
+                sink.write(row)
+        _load(con, sink, path)
+
+
 def run_view(view: View, source: Source) -> list[Row]:
     """The rows of one view over a source, as dicts in column order (the Python API)."""
     con = run_views([view], source)
@@ -293,6 +304,7 @@ def views_by_name(views: Iterable[View]) -> Mapping[str, View]:
 __all__ = [
     "column_type",
     "iter_rows",
+    "load_rows",
     "plain_decimal",
     "quote",
     "run_view",

@@ -26,7 +26,7 @@ from typing import Any
 import duckdb
 import yaml
 
-from fhir_adapter.errors import ConfigurationError
+from fhir_adapter.errors import ConfigurationError, InputUnreadable
 from fhir_adapter.query.engine import quote, run_views, table_rows
 from fhir_adapter.query.sources import Source
 from fhir_adapter.query.viewdef import Row, View, ViewDefinitionError, compile_view
@@ -55,7 +55,7 @@ def load_view(path: Path, constants: Mapping[str, Any] | None = None) -> View:
     try:
         definition = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ViewDefinitionError(f"{path}: cannot be read ({exc.strerror})") from None
+        raise InputUnreadable(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ViewDefinitionError(f"{path}: not a JSON document ({exc.__class__.__name__})") from None
     declared = _declared_constants(definition)
