@@ -86,13 +86,11 @@ def _kinds(value: Any) -> set[str]:
 
 
 def _jsonable(row: Row) -> Row:
-    """Decimals as strings (DuckDB casts them exactly), complex values as JSON text."""
+    """Decimals as strings (DuckDB casts them exactly); complex values stay JSON objects."""
 
     def convert(value: Any) -> Any:
         if isinstance(value, Decimal):
             return format(value, "f")
-        if isinstance(value, dict):
-            return dumpb(value).decode()
         if isinstance(value, list):
             return [convert(v) for v in value]
         return value

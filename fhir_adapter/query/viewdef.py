@@ -214,7 +214,7 @@ def compile_view(definition: Any, constants: Mapping[str, Any] | None = None) ->
     Settings); a name the view does not declare is an error.
     """
     if not isinstance(definition, Mapping):
-        raise ViewDefinitionError("a ViewDefinition must be a JSON object")
+        raise ViewDefinitionError("invalid ViewDefinition: a ViewDefinition must be a JSON object")
     label = _label(definition)
     try:
         return _compile(definition, dict(constants or {}))
