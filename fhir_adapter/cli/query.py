@@ -24,7 +24,7 @@ import duckdb
 from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, user_errors
 from fhir_adapter.client import FhirClient
 from fhir_adapter.errors import InputUnreadable
-from fhir_adapter.query.engine import iter_rows, load_rows, run_views, write_table
+from fhir_adapter.query.engine import iter_rows, load_rows, quote, run_views, write_table
 from fhir_adapter.query.registry import load_view, tables_from_views, trial_constants, trial_views
 from fhir_adapter.query.sources import DEFAULT_PAGE_SIZE, NdjsonSource, ServerSource, Source
 from fhir_adapter.query.viewdef import View
@@ -118,9 +118,7 @@ def view_command(
         view = load_view(view_json, trial_constants(app.settings))
         _refuse_overwriting_input(out, [*sources, view_json])
         source: Source = (
-            NdjsonSource(sources)
-            if sources
-            else _server_source(app, str(server), page_size, bulk)
+            NdjsonSource(sources) if sources else _server_source(app, str(server), page_size, bulk)
         )
         con = duckdb.connect()
         try:
@@ -196,7 +194,7 @@ def _write_all(
 def markdown_table(con: duckdb.DuckDBPyConnection, table: str) -> str:
     """A registry table as a GitHub-flavoured Markdown table (a title line, then the table)."""
     rows = list(iter_rows(con, table))
-    names = [d[0] for d in con.execute(f'SELECT * FROM "{table}" LIMIT 0').description or []]
+    names = [str(r[0]) for r in con.execute(f"DESCRIBE {quote(table)}").fetchall()]
     lines = [f"# {table}", "", "| " + " | ".join(names) + " |"]
     lines.append("|" + "|".join("---" for _ in names) + "|")
     for row in rows:

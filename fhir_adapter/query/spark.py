@@ -105,7 +105,7 @@ class SparkEngine:
         version = _pathling_version()
         os.environ["JAVA_HOME"] = str(java_home())
         try:
-            from pathling import PathlingContext
+            from pathling import PathlingContext  # type: ignore[import-untyped]
             from pyspark.sql import SparkSession
         except ImportError:
             raise SparkUnavailable("pyspark or pathling cannot be imported") from None
@@ -166,12 +166,18 @@ def _row(view: View, raw: dict[str, Any]) -> Row:
 
 
 @contextmanager
-def bulk_layout(source: Source, types: Sequence[str], staging: Path | None = None) -> Iterator[Path]:
+def bulk_layout(
+    source: Source, types: Sequence[str], staging: Path | None = None
+) -> Iterator[Path]:
     """The source as a Bulk Data NDJSON directory (``<Type>.ndjson``), staged when needed."""
-    if isinstance(source, NdjsonSource) and all(_bulk_file(f) for f in source.files):
-        if len(source.paths) == 1 and source.paths[0].is_dir():
-            yield source.paths[0]
-            return
+    if (
+        isinstance(source, NdjsonSource)
+        and all(_bulk_file(f) for f in source.files)
+        and len(source.paths) == 1
+        and source.paths[0].is_dir()
+    ):
+        yield source.paths[0]
+        return
     root = staging or Path(os.environ.get("FHIR_ADAPTER_SPARK_STAGING_DIR", tempfile.gettempdir()))
     root.mkdir(parents=True, exist_ok=True)
     target = Path(tempfile.mkdtemp(prefix="fhir-adapter-bulk-", dir=root))

@@ -125,7 +125,9 @@ class View:
             yield from self.rows(resource)
 
 
-def _holds(condition: Expression, resource: Mapping[str, Any], variables: Mapping[str, Any]) -> bool:
+def _holds(
+    condition: Expression, resource: Mapping[str, Any], variables: Mapping[str, Any]
+) -> bool:
     result = _evaluate(condition, resource, variables)
     if not result:
         return False

@@ -32,7 +32,6 @@ from fhir_adapter.mapping.terminology import Terminology
 from fhir_adapter.query.sources import ServerSource
 from fhir_adapter.scoring import (
     ScoreStatus,
-    response_level,
     satisfaction_rates,
     score_visits,
     summarize_adverse_events,
@@ -174,7 +173,9 @@ def test_outcomes_per_arm_and_visit_match_scoring(synced: Synced, expected: Expe
             expected.satisfaction, expected.arm_of, expected.trial.visit_order
         )
     }
-    table = {(r["arm"], r["visit"]): r for r in _read(synced.out / "registry/outcomes_by_arm_visit.csv")}
+    table = {
+        (r["arm"], r["visit"]): r for r in _read(synced.out / "registry/outcomes_by_arm_visit.csv")
+    }
     arms = [a.id for a in expected.trial.arms] + ["all"]
     assert set(table) == {(a, v) for a in arms for v in expected.trial.visit_ids}
     checked = 0
@@ -229,7 +230,9 @@ def test_ae_incidence_per_arm_and_term_matches_scoring(synced: Synced, expected:
             "serious_events": str(row.serious_events),
         }
     table = _read(synced.out / "registry/ae_incidence.csv")
-    got = {(r["arm"], r["term"]): _canon({k: r[k] for k in next(iter(want.values()))}) for r in table}
+    got = {
+        (r["arm"], r["term"]): _canon({k: r[k] for k in next(iter(want.values()))}) for r in table
+    }
     assert got == {k: _canon(v) for k, v in want.items()}
     # the denominators count every enrolled participant of the arm, withdrawn ones included
     enrolled = defaultdict(int)
@@ -275,7 +278,9 @@ def _count(base_url: str, rtype: str) -> int:
 
 
 @pytest.mark.parametrize(("rtype", "page_size"), [("Patient", 7), ("Observation", 250)])
-def test_paging_reads_every_resource_exactly_once(synced: Synced, rtype: str, page_size: int) -> None:
+def test_paging_reads_every_resource_exactly_once(
+    synced: Synced, rtype: str, page_size: int
+) -> None:
     total = _count(synced.base_url, rtype)
     assert total > page_size  # more than one page
     with FhirClient(Settings(), synced.base_url) as client:
@@ -300,17 +305,23 @@ def test_view_command_pages_through_the_server(synced: Synced) -> None:
 
 def test_fhirpy_reads_the_synced_data_back(synced: Synced, expected: Expected) -> None:
     client = SyncFHIRClient(synced.base_url)
-    (study,) = client.resources("ResearchStudy").search(
-        identifier="https://clinicaltrials.gov/nctid|NCT06677931"
-    ).fetch_all()
-    subjects = client.resources("ResearchSubject").search(study=f"ResearchStudy/{study['id']}").fetch_all()
+    (study,) = (
+        client.resources("ResearchStudy")
+        .search(identifier="https://clinicaltrials.gov/nctid|NCT06677931")
+        .fetch_all()
+    )
+    subjects = (
+        client.resources("ResearchSubject").search(study=f"ResearchStudy/{study['id']}").fetch_all()
+    )
     assert sorted(s["identifier"][0]["value"] for s in subjects) == sorted(
         p.subject_id for p in expected.participants
     )
     (patient,) = client.resources("Patient").search(identifier=f"{BASE}:patient|S001").fetch_all()
-    masi = client.resources("Observation").search(
-        subject=f"Patient/{patient['id']}", code=f"{CODES}|masi"
-    ).fetch_all()
+    masi = (
+        client.resources("Observation")
+        .search(subject=f"Patient/{patient['id']}", code=f"{CODES}|masi")
+        .fetch_all()
+    )
     consensus = {o["identifier"][0]["value"]: o for o in masi if "performer" not in o}
     own = {s.visit: s for s in expected.scores if s.subject_id == "S001"}
     assert sorted(consensus) == sorted(f"S001-{v}-masi" for v in own)

@@ -39,7 +39,10 @@ def test_view_writes_json_lines_with_every_column() -> None:
     assert (m1["value"], m1["status"], m1["method"], m1["needs_adjudication"]) == (
         9.5, "final", "mean-of-2", False,
     )  # fmt: skip
-    assert m1["rater_observation_keys"] == ["Observation/S001-m1-masi-R1", "Observation/S001-m1-masi-R2"]
+    assert m1["rater_observation_keys"] == [
+        "Observation/S001-m1-masi-R1",
+        "Observation/S001-m1-masi-R2",
+    ]
     assert by_id["S001-baseline-mmasi"]["value"] == 9.2
     assert done.stderr == ""
 
@@ -134,7 +137,9 @@ def test_views_take_the_identifier_base_from_settings() -> None:
     assert other["subjects"].constants["idbase"] == "urn:other-trial"
     # the golden data is under urn:nct06677931: another base finds none of it
     source = NdjsonSource([GOLDEN])
-    assert registry_tables(source, Settings(identifier_base="urn:other-trial")).rows("subjects") == []
+    assert (
+        registry_tables(source, Settings(identifier_base="urn:other-trial")).rows("subjects") == []
+    )
     assert len(registry_tables(source).rows("subjects")) == 2
 
 

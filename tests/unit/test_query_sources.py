@@ -83,15 +83,19 @@ def _pages(server: HTTPServer, total: int, size: int, next_url: Any = None) -> N
                             "search": {"mode": "outcome"}})  # fmt: skip
         links = []
         if offset + size < total:
-            url = (next_url or (lambda o: server.url_for(f"/fhir/Patient?_count={size}&_offset={o}")))(
-                offset + size
-            )
+            url = (
+                next_url or (lambda o: server.url_for(f"/fhir/Patient?_count={size}&_offset={o}"))
+            )(offset + size)
             links.append({"relation": "next", "url": url})
         bundle = {"resourceType": "Bundle", "type": "searchset", "entry": entries, "link": links}
         return Response(json.dumps(bundle), content_type=FHIR)
 
     server.expect_request("/fhir/metadata").respond_with_json(
-        {"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1", "rest": [{"mode": "server"}]}
+        {
+            "resourceType": "CapabilityStatement",
+            "fhirVersion": "4.0.1",
+            "rest": [{"mode": "server"}],
+        }
     )
     server.expect_request("/fhir/Patient").respond_with_handler(handler)
 
@@ -105,7 +109,12 @@ def test_search_pages_until_no_next_link_reading_each_resource_once(httpserver: 
 
 
 def test_search_refuses_a_next_link_to_another_origin(httpserver: HTTPServer) -> None:
-    _pages(httpserver, total=10, size=5, next_url=lambda o: f"http://evil.invalid/fhir/Patient?_offset={o}")
+    _pages(
+        httpserver,
+        total=10,
+        size=5,
+        next_url=lambda o: f"http://evil.invalid/fhir/Patient?_offset={o}",
+    )
     source = ServerSource(_client(httpserver), page_size=5)
     with pytest.raises(ServerAnswerError, match="another origin"):
         list(source.resources(["Patient"]))
@@ -157,7 +166,9 @@ def _export_server(server: HTTPServer) -> None:
     server.expect_request("/fhir/$export").respond_with_handler(kick_off)
     server.expect_request("/status/1").respond_with_handler(status)
     body = b"".join(orjson.dumps(_patient(i)) + b"\n" for i in range(3))
-    server.expect_request("/files/Patient.ndjson").respond_with_data(body, content_type="application/fhir+ndjson")
+    server.expect_request("/files/Patient.ndjson").respond_with_data(
+        body, content_type="application/fhir+ndjson"
+    )
     obs = orjson.dumps({"resourceType": "Observation", "id": "o1"}) + b"\n"
     server.expect_request("/files/Observation.ndjson").respond_with_data(obs)
 

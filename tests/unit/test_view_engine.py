@@ -70,7 +70,10 @@ def test_for_each_makes_a_row_per_item_and_drops_resources_without() -> None:
 
 
 def test_for_each_or_null_keeps_resources_without_items() -> None:
-    sel = [cols(("id", "id")), {"forEachOrNull": "address", **cols(("city", "city"), ("i", "%rowIndex"))}]
+    sel = [
+        cols(("id", "id")),
+        {"forEachOrNull": "address", **cols(("city", "city"), ("i", "%rowIndex"))},
+    ]
     assert rows(view(sel)) == [
         {"id": "pt1", "city": "Fuzhou", "i": 0},
         {"id": "pt1", "city": "Xiamen", "i": 1},
@@ -79,7 +82,10 @@ def test_for_each_or_null_keeps_resources_without_items() -> None:
 
 
 def test_sibling_selects_are_a_cartesian_product() -> None:
-    sel = [{"forEach": "name", **cols(("family", "family"))}, {"forEach": "address", **cols(("city", "city"))}]
+    sel = [
+        {"forEach": "name", **cols(("family", "family"))},
+        {"forEach": "address", **cols(("city", "city"))},
+    ]
     got = rows(view(sel), [PT1])
     assert [(r["family"], r["city"]) for r in got] == [
         ("Li", "Fuzhou"), ("Li", "Xiamen"), ("Lee", "Fuzhou"), ("Lee", "Xiamen"),
@@ -142,7 +148,9 @@ def test_of_type_first_join_extension_and_indexer() -> None:
         ("day", "effective.ofType(dateTime)"),
         ("none", "value.ofType(string)"),
     )], "Observation"))  # fmt: skip
-    assert got == [{"masi": Decimal("12.45"), "d": 3, "flag": True, "day": "2025-01-10", "none": None}]
+    assert got == [
+        {"masi": Decimal("12.45"), "d": 3, "flag": True, "day": "2025-01-10", "none": None}
+    ]
     (pt,) = rows(view([cols(
         ("first_given", "name.first().given.first()"),
         ("all_given", "name.given.join(', ')"),
@@ -209,7 +217,7 @@ def test_collection_columns_and_multiple_values_refused() -> None:
     ],
 )  # fmt: skip
 def test_invalid_views_are_refused_before_any_row(definition: Any, message: str) -> None:
-    with pytest.raises(ViewDefinitionError, match="^invalid ViewDefinition") as caught:
+    with pytest.raises(ViewDefinitionError, match=r"^invalid ViewDefinition") as caught:
         compile_view(definition)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
@@ -223,7 +231,9 @@ def test_overriding_an_undeclared_constant_is_refused() -> None:
 def test_resolved_definition_carries_the_run_time_constants() -> None:
     definition = view([cols(("id", "id"))], constant=[{"name": "idbase", "valueString": "urn:a"}])
     compiled = compile_view(definition, {"idbase": "urn:b"})
-    assert compiled.resolved_definition()["constant"] == [{"name": "idbase", "valueString": "urn:b"}]
+    assert compiled.resolved_definition()["constant"] == [
+        {"name": "idbase", "valueString": "urn:b"}
+    ]
     assert definition["constant"] == [{"name": "idbase", "valueString": "urn:a"}]  # untouched
 
 
