@@ -28,6 +28,7 @@ from fhir_adapter.query.engine import iter_rows, load_rows, quote, run_views, wr
 from fhir_adapter.query.registry import load_view, tables_from_views, trial_constants, trial_views
 from fhir_adapter.query.sources import DEFAULT_PAGE_SIZE, NdjsonSource, ServerSource, Source
 from fhir_adapter.query.viewdef import View
+from fhir_adapter.settings import Settings
 
 _ENGINES = click.Choice(["embedded", "spark"])
 
@@ -57,14 +58,18 @@ def _server_source(app: AppContext, url: str, page_size: int, bulk: str) -> Serv
 
 
 def _run(
-    views: Sequence[View], source: Source, engine: str, con: duckdb.DuckDBPyConnection
+    views: Sequence[View],
+    source: Source,
+    engine: str,
+    con: duckdb.DuckDBPyConnection,
+    settings: Settings,
 ) -> None:
     if engine == "embedded":
         run_views(views, source, con)
         return
     from fhir_adapter.query.spark import run_on_spark  # the optional extra, loaded on demand
 
-    results = run_on_spark(views, source)
+    results = run_on_spark(views, source, settings=settings)
     for view in views:
         load_rows(con, view, results[view.name])
 
@@ -122,7 +127,7 @@ def view_command(
         )
         con = duckdb.connect()
         try:
-            _run([view], source, engine, con)
+            _run([view], source, engine, con, app.settings)
             count = write_table(con, view.name, fmt, out if out is not None else sys.stdout)
         finally:
             con.close()
@@ -166,7 +171,7 @@ def query_command(
         )
         con = duckdb.connect()
         try:
-            _run(views, source, engine, con)
+            _run(views, source, engine, con, app.settings)
             tables = tables_from_views(con, [v.name for v in views], app.settings)
             _write_all(con, tables.views, tables.queries, out)
         finally:
