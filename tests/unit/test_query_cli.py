@@ -156,3 +156,22 @@ def test_registry_outcomes_on_the_golden_data() -> None:
     m1 = rows[("combo", "m1")]  # S001 at m1: consensus MASI 9.5 final, improvement 46.6 %
     assert (m1["n"], str(m1["masi_mean"]), str(m1["improvement_mean_pct"])) == (1, "9.5", "46.6")
     assert tables.rows("subject_timeline")[0]["subject_id"] == "S001"
+
+
+def test_adverse_event_view_reads_the_course_and_the_causality_words() -> None:
+    """The AE view follows the mapping's shapes: resolved_on from the R5 cross-version
+    occurrence Period, causality words from the suspect it concerns or, with no suspect named,
+    from the study-treatment extension (tests/golden/input/adverse_events.csv)."""
+    done = run("view", str(VIEWS / "adverse_events.json"), str(GOLDEN))
+    assert done.returncode == 0, done.stderr
+    rows = {r["ae_id"]: r for r in map(json.loads, done.stdout.splitlines())}
+    assert (rows["AE0001"]["onset_on"], rows["AE0001"]["resolved_on"]) == ("2025-01-11", "2025-01-14")
+    assert rows["AE0001"]["causality"] == ["possibly_related"]
+    assert rows["AE0001"]["causality_on_study_treatment"] is False
+    assert rows["AE0002"]["resolved_on"] is None
+    assert rows["AE0002"]["causality"] == ["unrelated"]
+    assert rows["AE0002"]["causality_on_study_treatment"] is True
+    suspects = run("view", str(VIEWS / "adverse_event_suspects.json"), str(GOLDEN))
+    by_key = {(r["ae_id"], r["suspect_key"]): r for r in map(json.loads, suspects.stdout.splitlines())}
+    assert by_key[("AE0001", "Device/laser")]["causality"] == "possibly_related"
+    assert by_key[("AE0002", "Device/laser")]["causality"] is None
