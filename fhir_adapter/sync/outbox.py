@@ -111,11 +111,6 @@ class Row:
         return dict(orjson.loads(self.body))
 
     @functools.cached_property
-    def parsed(self) -> dict[str, Any]:
-        """The body parsed once (read-only: use :attr:`resource` for a copy to change)."""
-        return dict(orjson.loads(self.body))
-
-    @property
     def key(self) -> str:
         """``Type/local id``: how the other bodies refer to this one."""
         return f"{self.rtype}/{self.local_id}"
