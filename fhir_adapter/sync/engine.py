@@ -391,8 +391,9 @@ class Sender:
 
     def _hold(self, row: Row, target: str) -> None:
         self.outbox.hold(row, target)
-        log.warning("%s %s held back: it refers to %s, not on the server", row.rtype, row.bkey,
-                    target)  # fmt: skip
+        # one line per record at INFO; the CLI says once how many are held back
+        log.info("%s %s held back: it refers to %s, not on the server", row.rtype, row.bkey,
+                 target)  # fmt: skip
 
     # -- sending -----------------------------------------------------------------------------
     def run(self) -> SendSummary:
