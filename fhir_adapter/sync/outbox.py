@@ -353,17 +353,17 @@ class Outbox:
         removes nothing unless ``allow_removals``; it is listed in ``refused_removals``.
         """
         result = StageResult()
-        existing = {
-            (str(r[0]), str(r[1])): _Existing(r[2], r[3], r[4], r[5], r[6])
-            for r in self.db.execute(
-                "SELECT rtype, bkey, hash, state, sent_hash, source, retracted FROM resources"
-            )
-        }
-        refused_deletes = self._dead_keys("DELETE")
         seen: set[tuple[str, str]] = set()
         seen_by_source: Counter[str] = Counter()
         seq = 0
-        with self.transaction():
+        with self.transaction():  # read and written in one transaction: no writer in between
+            existing = {
+                (str(r[0]), str(r[1])): _Existing(r[2], r[3], r[4], r[5], r[6])
+                for r in self.db.execute(
+                    "SELECT rtype, bkey, hash, state, sent_hash, source, retracted FROM resources"
+                )
+            }
+            refused_deletes = self._dead_keys("DELETE")
             for source, resource, body in items:
                 seq += 1
                 rtype = str(resource["resourceType"])
