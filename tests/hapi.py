@@ -157,7 +157,7 @@ def ensure_built(hapi_dir: Path = HAPI_DIR) -> float:
         started = time.monotonic()
         env = dict(os.environ)
         env["JAVA_HOME"] = str(Path(java).resolve().parent.parent)  # Maven compiles with it
-        argv = [mvn, "-B", "-q", "-Dmaven.test.skip=true", "package"]
+        argv = [mvn, "-B", "-q", "-Dstyle.color=never", "-Dmaven.test.skip=true", "package"]
         try:
             done = subprocess.run(
                 argv,
@@ -186,10 +186,13 @@ def ensure_built(hapi_dir: Path = HAPI_DIR) -> float:
 
 
 def _first_error(output: str) -> str:
-    for line in output.splitlines():
-        if "[ERROR]" in line:
-            return line.replace("[ERROR]", "").strip()[:300]
-    return output.strip().splitlines()[-1][:300] if output.strip() else "no output"
+    """The line that says what could not be downloaded (else the first error line)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).replace("[ERROR]", "").strip() for line in
+             output.splitlines()]
+    for line in lines:
+        if _NETWORK_FAILURE.search(line):
+            return line[:300]
+    return next((line[:300] for line in lines if line), "no output")
 
 
 # -- run ------------------------------------------------------------------------------------

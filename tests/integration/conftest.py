@@ -296,6 +296,7 @@ FHIR_HEADERS["Cache-Control"] = "no-cache"
 
 SERVER_KINDS = ("medplum", "hapi")
 _HAPI_SUMMARY: list[str] = []
+_HAPI_UNAVAILABLE: list[str] = []  # the one reason the HAPI tests skip, if they do
 
 
 @pytest.fixture(scope="session")
@@ -308,6 +309,7 @@ def hapi_test_server() -> Iterator[HapiServer]:
         server.close()
         if os.environ.get("FHIR_ADAPTER_TEST_REQUIRE_HAPI"):
             pytest.fail(str(exc))
+        _HAPI_UNAVAILABLE.append(str(exc))
         pytest.skip(str(exc))
     version = requests.get(f"{server.base_url}/metadata", timeout=60).json()["software"]
     _HAPI_SUMMARY.append(
@@ -360,3 +362,19 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("HAPI FHIR")
         for line in _HAPI_SUMMARY:
             terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Every HAPI skip at one location, so `-ra` shows the reason once (with the count)."""
+    outcome: Any = yield
+    report = outcome.get_result()
+    if report.skipped and _HAPI_UNAVAILABLE and isinstance(report.longrepr, tuple):
+        _, _, message = report.longrepr
+        if message.endswith(_HAPI_UNAVAILABLE[0]):
+            report.longrepr = (str(Path(__file__)), _HAPI_SKIP_LINE, message)
+
+
+# the line of the `hapi_test_server` fixture (pytest keeps the function as __wrapped__)
+_HAPI_SKIP_LINE = getattr(getattr(hapi_test_server, "__wrapped__", None), "__code__", None)
+_HAPI_SKIP_LINE = _HAPI_SKIP_LINE.co_firstlineno if _HAPI_SKIP_LINE else 0
