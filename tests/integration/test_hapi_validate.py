@@ -39,7 +39,7 @@ pytestmark = pytest.mark.integration
 
 FHIR_ADAPTER = Path(sys.executable).with_name("fhir-adapter")
 JSON = {"Accept": "application/fhir+json", "Content-Type": "application/fhir+json"}
-SAMPLE = 600
+SAMPLE = 300
 SEED = 14
 STORED_FIRST = ("CodeSystem", "Measure")  # what other resources' codes and canonicals need
 # Code systems the validator cannot know offline: licensed or published outside FHIR R4 core.
