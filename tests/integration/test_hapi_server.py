@@ -301,3 +301,13 @@ def test_rest_hook_subscription_delivers_with_its_header(
     assert request.get_json(force=True)["code"]["coding"][0]["code"] == "masi"
     time.sleep(1)  # the non-matching Observation is never delivered
     assert len([r for r, _ in httpserver.log if r.path.startswith("/notify/")]) == 1
+
+
+def test_target_server_runs_a_test_once_per_server(target_server: Any) -> None:
+    """`target_server` (conftest): the same assertions on Medplum and on HAPI, each emptied."""
+    statement = get(f"{target_server.base_url}/metadata").json()
+    assert statement["fhirVersion"] == "4.0.1"
+    assert ("HAPI" in statement["software"]["name"]) == (target_server.kind == "hapi")
+    created = post(f"{target_server.base_url}/Patient", patient(f"{target_server.kind}-1"))
+    assert created.status_code == 201, created.text
+    assert total(target_server.base_url, "Patient") == 1
