@@ -359,6 +359,9 @@ class FhirClient:
                 "Accept": FHIR_JSON,
                 "Content-Type": FHIR_JSON,
                 "User-Agent": f"fhir-adapter/{__version__}",
+                # HAPI FHIR answers a repeated search from its cache for 60 s, writes made since
+                # unseen: a stale "not held" would duplicate (and proxies may cache too)
+                "Cache-Control": "no-cache",
             }
         )
         if settings.ca_bundle:

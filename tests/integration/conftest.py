@@ -344,3 +344,101 @@ def stored_problems(view: FhirView, rtypes: list[str]) -> dict[str, Any]:
         "not_literal": not_literal,
     }
     return {k: v for k, v in problems.items() if v}
+
+
+# -- HAPI FHIR JPA (tests/hapi.py, tests/hapi_server; issue 14) ---------------------------------
+# The second, independent server. `hapi_server` / `hapi_reset` mirror `fhir_server` /
+# `fhir_reset`; `target_server` runs a test once per server (Medplum, HAPI), each emptied first.
+# Without Java 17+, Maven or Maven Central the HAPI tests skip with one reason (set
+# FHIR_ADAPTER_TEST_REQUIRE_HAPI=1 to make that a failure instead, e.g. in CI).
+
+from tests.hapi import HapiServer, HapiUnavailable  # noqa: E402
+
+# HAPI answers an identical search from its cache for 60 s (JpaStorageSettings
+# reuseCachedSearchResultsForMillis), even after writes: the read-only views must see fresh data.
+FHIR_HEADERS["Cache-Control"] = "no-cache"
+
+SERVER_KINDS = ("medplum", "hapi")
+_HAPI_SUMMARY: list[str] = []
+_HAPI_UNAVAILABLE: list[str] = []  # the one reason the HAPI tests skip, if they do
+
+
+@pytest.fixture(scope="session")
+def hapi_test_server() -> Iterator[HapiServer]:
+    """The HAPI FHIR JPA server process (session-wide; built if needed, started once)."""
+    server = HapiServer()
+    try:
+        server.start()
+    except HapiUnavailable as exc:
+        server.close()
+        if os.environ.get("FHIR_ADAPTER_TEST_REQUIRE_HAPI"):
+            pytest.fail(str(exc))
+        _HAPI_UNAVAILABLE.append(str(exc))
+        pytest.skip(str(exc))
+    version = requests.get(f"{server.base_url}/metadata", timeout=60).json()["software"]
+    _HAPI_SUMMARY.append(
+        f"{version['name']} {version['version']}: build {server.timings.build_s:.1f} s "
+        f"({'cached' if server.timings.build_s == 0 else 'rebuilt'}), "
+        f"start to /metadata {server.timings.start_s:.1f} s"
+    )
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def hapi_server(hapi_test_server: HapiServer) -> str:
+    """Base URL of the session's HAPI server, e.g. ``http://127.0.0.1:PORT/fhir``."""
+    return hapi_test_server.base_url
+
+
+@pytest.fixture
+def hapi_reset(hapi_test_server: HapiServer) -> str:
+    """Empty the HAPI server (Subscriptions deleted, then ``$expunge`` everything)."""
+    hapi_test_server.reset()
+    return hapi_test_server.base_url
+
+
+@pytest.fixture(scope="session")
+def hapi_summary() -> list[str]:
+    """Lines printed in the terminal summary under "HAPI FHIR" (timings, validator warnings)."""
+    return _HAPI_SUMMARY
+
+
+@dataclass(frozen=True)
+class TargetServer:
+    """One of the servers the adapter is proven against, emptied for the test."""
+
+    kind: str  # "medplum" | "hapi"
+    base_url: str
+
+
+@pytest.fixture(params=SERVER_KINDS)
+def target_server(request: pytest.FixtureRequest) -> TargetServer:
+    """Runs the test once per server kind, against that server emptied."""
+    reset = {"medplum": "fhir_reset", "hapi": "hapi_reset"}[request.param]
+    return TargetServer(request.param, request.getfixturevalue(reset))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _HAPI_SUMMARY:
+        terminalreporter.section("HAPI FHIR")
+        for line in _HAPI_SUMMARY:
+            terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Every HAPI skip at one location, so `-ra` shows the reason once (with the count)."""
+    outcome: Any = yield
+    report = outcome.get_result()
+    if report.skipped and _HAPI_UNAVAILABLE and isinstance(report.longrepr, tuple):
+        _, _, message = report.longrepr
+        if message.endswith(_HAPI_UNAVAILABLE[0]):
+            report.longrepr = (str(Path(__file__)), _HAPI_SKIP_LINE, message)
+
+
+# the line of the `hapi_test_server` fixture (pytest keeps the function as __wrapped__)
+_HAPI_SKIP_LINE = getattr(getattr(hapi_test_server, "__wrapped__", None), "__code__", None)
+_HAPI_SKIP_LINE = _HAPI_SKIP_LINE.co_firstlineno if _HAPI_SKIP_LINE else 0
