@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fhir_adapter.domain import (
     AdverseEvent,
@@ -93,6 +93,23 @@ def first_visit_dates(directory: Path) -> dict[tuple[str, str], dt.date]:
     return dates
 
 
+def first_record_dates(
+    records: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> dict[tuple[str, str], dt.date]:
+    """:func:`first_visit_dates` of JSON records (the webhook's inbox) instead of files."""
+    dates: dict[tuple[str, str], dt.date] = {}
+    for kind, column in _VISIT_DATES:
+        for row in records.get(kind, ()):
+            key = (str(row.get("subject_id") or ""), str(row.get("visit") or ""))
+            try:
+                day = dt.date.fromisoformat(str(row.get(column) or ""))
+            except ValueError:
+                continue
+            if all(key) and (key not in dates or day < dates[key]):
+                dates[key] = day
+    return dates
+
+
 R = TypeVar("R", bound=Record)
 
 
@@ -100,8 +117,20 @@ class DatasetMapper:
     """Turns one directory of the eCRF export into FHIR resources (a generator)."""
 
     def __init__(
-        self, ctx: MappingContext, intake: Intake, *, threshold: Decimal | None = None
+        self,
+        ctx: MappingContext,
+        intake: Intake,
+        *,
+        threshold: Decimal | None = None,
+        records: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+        source_prefix: str = "",
     ) -> None:
+        #: prefixed to every source (``webhook:masi``): the outbox tells entry points apart, so
+        #: a ``sync DIR`` never removes what the webhook brought, nor the reverse
+        self.source_prefix = source_prefix
+        #: JSON records per kind (the webhook's inbox) read instead of the directory's files;
+        #: every kind then counts as present (the inbox is the complete set of what it holds)
+        self.records = records
         self.ctx = ctx
         self.threshold = ctx.trial.adjudication_threshold if threshold is None else threshold
         self.intake = intake
@@ -126,6 +155,13 @@ class DatasetMapper:
             yield common.to_practitioner(rater_id, self.ctx)
 
     def _read(self, directory: Path, kind: str, model: type[R]) -> Iterator[R]:
+        if self.records is not None:
+            self.source = kind
+            self.present.add(kind)
+            rows = self.records.get(kind, ())
+            accepted, _ = self.intake.read_records(kind, rows, self.source_name(kind))
+            yield from (r for r in accepted if isinstance(r, model))
+            return
         path = directory / file_name(kind)
         if not path.is_file():
             return
@@ -150,7 +186,7 @@ class DatasetMapper:
         """
         for resource in self.resources(directory):
             shared = resource["resourceType"] in ("Encounter", "Practitioner")
-            yield ("shared" if shared else self.source), resource
+            yield self.source_prefix + ("shared" if shared else self.source), resource
         if self.present >= {"study", *KINDS}:
             self.present.add("shared")
 
@@ -162,21 +198,29 @@ class DatasetMapper:
         with_rejects = {
             kind
             for kind in KINDS
-            if (report := self.intake.reports.get(file_name(kind))) and report.rejected
+            if (report := self.intake.reports.get(self.source_name(kind))) and report.rejected
         }
         complete = self.present - with_rejects
         if with_rejects:
             complete.discard("shared")
-        return complete
+        return {self.source_prefix + source for source in complete}
+
+    def source_name(self, kind: str) -> str:
+        """Where records of ``kind`` come from, as issues name it: ``masi.csv``, ``inbox/masi``."""
+        return file_name(kind) if self.records is None else f"inbox/{kind}"
 
     def resources(self, directory: Path) -> Iterator[Resource]:
         ctx, b = self.ctx, self.b
-        if not (directory / file_name("participants")).is_file():
+        if self.records is None and not (directory / file_name("participants")).is_file():
             raise InputUnreadable(
                 f"{directory}: participants.csv is required (the other files refer to it)"
             )
         yield from study_resources(ctx)
-        self._first_dates = first_visit_dates(directory)
+        self._first_dates = (
+            first_visit_dates(directory)
+            if self.records is None
+            else first_record_dates(self.records)
+        )
 
         participants = list(self._read(directory, "participants", Participant))
         results: dict[str, EligibilityResult] = {}
@@ -255,6 +299,10 @@ class DatasetMapper:
             if event.visit:
                 yield from self._encounter(event.subject_id, event.visit, event.onset_on)
             yield b.to_adverse_event(event, arm_of.get(event.subject_id), ctx)
+
+    def derived_masi(self, visit_scores: list[VisitScore]) -> Iterator[Resource]:
+        """Consensus MASI / mMASI, improvement and their Provenance, per subject x visit."""
+        return self._derived_masi(visit_scores)
 
     def _derived_masi(self, visit_scores: list[VisitScore]) -> Iterator[Resource]:
         ctx, b = self.ctx, self.b
