@@ -1,4 +1,4 @@
-"""Fixtures for tests that talk to the real in-memory FHIR R4 server (tests/fhir_server)."""
+"""Fixtures for tests that talk to the real in-memory FHIR R4 server (fhir_adapter/fhir_server)."""
 
 from __future__ import annotations
 
