@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -151,10 +151,20 @@ def rating_record(
         bad = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors(include_input=False)})
         return None, [f"invalid components: {', '.join(bad)}"]
     warnings = []
-    stated = (resource.get("valueQuantity") or {}).get("value")
-    if stated is not None and Decimal(repr(stated)) != rater_masi(rating):
+    stated = _decimal((resource.get("valueQuantity") or {}).get("value"))
+    if stated is not None and stated != rater_masi(rating):
         warnings.append("valueQuantity disagrees with the 12 components (the components count)")
     return record, warnings
+
+
+def _decimal(value: Any) -> Decimal | None:
+    """A JSON number as the Decimal it was written as (floats by their shortest repr)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return Decimal(repr(value) if isinstance(value, float) else str(value))
+    except InvalidOperation:
+        return None
 
 
 class Recomputer:
