@@ -17,8 +17,8 @@ from typing import Any
 
 from tests import helpers
 
-SECRET = "test-hmac-secret-0123456789"
-TOKEN = "test-bearer-token-0123456789"
+SECRET = "test-hmac-secret-0123456789"  # noqa: S105 - test credentials
+TOKEN = "test-bearer-token-0123456789"  # noqa: S105 - test credentials
 STANDARD_KEY = bytes(range(32))
 STANDARD_SECRET = "whsec_" + base64.b64encode(STANDARD_KEY).decode()
 

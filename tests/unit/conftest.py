@@ -44,7 +44,6 @@ def release() -> Iterator[threading.Event]:
 
 
 # -- webhook (server/) tests: the Flask app through its test client -----------------------------
-from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from flask import Flask  # noqa: E402

@@ -343,18 +343,21 @@ def test_a_disagreeing_value_quantity_is_a_warning_not_a_source(ctx: MappingCont
     resource["valueQuantity"]["value"] = 47.5
     record, warnings = rating_record(resource, is_rater_masi(resource, ctx), ctx)  # type: ignore[arg-type]
     assert record == masi("S001", "m3", "R1")
-    assert warnings and "disagrees" in warnings[0]
+    assert warnings
+    assert "disagrees" in warnings[0]
 
 
 def test_a_rating_with_missing_or_bad_components_is_skipped(ctx: MappingContext) -> None:
     resource = rater_observation(ctx)
     resource["component"] = resource["component"][:11]
     record, warnings = rating_record(resource, is_rater_masi(resource, ctx), ctx)  # type: ignore[arg-type]
-    assert record is None and "missing" in warnings[0]
+    assert record is None
+    assert "missing" in warnings[0]
     resource = rater_observation(ctx)
     resource["component"][0]["valueInteger"] = 9
     record, warnings = rating_record(resource, is_rater_masi(resource, ctx), ctx)  # type: ignore[arg-type]
-    assert record is None and "forehead_d" in warnings[0]
+    assert record is None
+    assert "forehead_d" in warnings[0]
 
 
 def test_effective_date_time_is_read_as_the_site_date(ctx: MappingContext) -> None:

@@ -79,7 +79,7 @@ def test_readyz_when_everything_answers(httpserver: HTTPServer, tmp_path: Path) 
     httpserver.expect_request("/fhir/R4/metadata").respond_with_json(capability_statement())
     settings = Settings(
         outbox_path=tmp_path / "o.sqlite",
-        webhook_token="t",
+        webhook_token="t",  # noqa: S106
         fhir_base_url=httpserver.url_for("/fhir/R4"),
     )
     client = create_app(settings).test_client()
