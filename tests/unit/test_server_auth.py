@@ -58,7 +58,8 @@ def test_unsigned_request_is_refused(webhook: FlaskClient, inbox: Inbox) -> None
 
 
 def test_wrongly_signed_request_is_refused(webhook: FlaskClient, inbox: Inbox) -> None:
-    assert_refused(post(webhook, hmac_headers(BODY, secret="not-the-secret")  # noqa: S106), inbox)
+    headers = hmac_headers(BODY, secret="not-the-secret")  # noqa: S106
+    assert_refused(post(webhook, headers), inbox)
 
 
 def test_tampered_body_is_refused(webhook: FlaskClient, inbox: Inbox) -> None:
