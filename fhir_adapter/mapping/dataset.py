@@ -187,7 +187,9 @@ class DatasetMapper:
         for resource in self.resources(directory):
             shared = resource["resourceType"] in ("Encounter", "Practitioner")
             yield self.source_prefix + ("shared" if shared else self.source), resource
-        if self.present >= {"study", *KINDS}:
+        # Retracted inbox records never remove the shared Encounters and Practitioners: the
+        # retracted (entered-in-error) Observations still refer to them.
+        if self.records is None and self.present >= {"study", *KINDS}:
             self.present.add("shared")
 
     def complete_sources(self) -> set[str]:
