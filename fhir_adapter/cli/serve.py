@@ -279,6 +279,8 @@ def subscribe(
             try:
                 if existing:
                     resource["id"] = existing[0]["id"]
+                    if existing[0].get("status") == "active":  # an update does not re-activate
+                        resource["status"] = "active"
                     _, answer = client.request(
                         "PUT", f"Subscription/{resource['id']}", body=resource
                     )
