@@ -59,6 +59,20 @@ class Settings(BaseSettings):
     identity_strategy: Literal["auto", "identifier", "tag", "client-id"] = Field(
         default="auto", description="How resources are matched on the server (auto: from /metadata)"
     )
+    atomic_transactions: bool = Field(
+        default=False,
+        description="The server applies a transaction Bundle all or nothing: entries may then "
+        "refer to each other inside a Bundle (urn:uuid); otherwise they go in dependency layers",
+    )
+    lock_timeout_s: float = Field(
+        default=300.0, ge=0, description="How long a second writer waits for the outbox lock"
+    )
+    max_removal_share: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="Share of a file's records one sync may remove without --allow-removals",
+    )
 
     # --- identity ----------------------------------------------------------------------------
     identifier_base: str = Field(

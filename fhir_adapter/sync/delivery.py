@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from fhir_adapter.client import FhirClient
-from fhir_adapter.errors import AdapterError, ConfigurationError, ServerError, ServerUnavailable
+from fhir_adapter.errors import (
+    AdapterError,
+    ConfigurationError,
+    OutboxBusy,
+    ServerError,
+    ServerUnavailable,
+)
 from fhir_adapter.intake import KINDS, Intake, site_today
 from fhir_adapter.mapping.context import MappingContext
 from fhir_adapter.settings import Settings
@@ -44,6 +50,7 @@ from fhir_adapter.sync.outbox import Outbox
 log = logging.getLogger(__name__)
 
 WEBHOOK_SOURCE = "webhook:"
+LOCK_WAIT_S = 1.0  # a sync holding the outbox: try again next cycle (ingest never waits)
 
 
 @dataclass
@@ -58,7 +65,9 @@ class CycleReport:
 
     @property
     def worked(self) -> bool:
-        return bool(self.mapped or self.notifications or self.sent)
+        """Something happened: look for more at once rather than sleeping."""
+        writes = sum(self.sent.get(k, 0) for k in ("created", "updated", "deletes_sent"))
+        return bool(self.mapped or self.notifications or writes)
 
 
 class WorkerBusy(ConfigurationError):
@@ -97,18 +106,6 @@ def worker_lock_path(outbox_path: Path) -> Path:
     return outbox_path.with_name(outbox_path.name + ".delivery.lock")
 
 
-@contextmanager
-def writer_lock(outbox: Outbox, timeout_s: float) -> Iterator[None]:
-    """The outbox's one-writer lock, held while staging and sending (a ``sync`` waits)."""
-    lock = getattr(outbox, "writer_lock", None)
-    if callable(lock):  # the sync engine's own lock, where it has one
-        with lock(timeout_s):
-            yield
-        return
-    with _flock(outbox.path.with_name(outbox.path.name + ".writer.lock"), wait_s=timeout_s):
-        yield
-
-
 class DeliveryWorker:
     """Maps the inbox and drains the outbox to one FHIR server."""
 
@@ -128,6 +125,7 @@ class DeliveryWorker:
         self.outbox = Outbox(settings.outbox_path)
         self._mapped_seq = -1  # the inbox change counter of the last mapping
         self._retry_at = 0.0
+        self._outcomes: list[tuple[InboxRow, str]] = []  # of the last mapping, to settle
         # imported here: notify depends on this module's constants
         from fhir_adapter.sync.notify import Recomputer
 
@@ -142,38 +140,36 @@ class DeliveryWorker:
     def cycle(self) -> CycleReport:
         """Map what changed, handle notifications, send; never raises for a server outage."""
         report = CycleReport()
-        if time.monotonic() < self._retry_at:
-            return report
         changed = self.inbox.last_seq() != self._mapped_seq
         events = self.inbox.pending_events()
-        if not changed and not events and not self.outbox.to_send():
+        idle = not self._unsettled and not self.outbox.to_send()
+        if not changed and not events and (idle or time.monotonic() < self._retry_at):
             return report
         try:
-            with writer_lock(self.outbox, self.settings.read_timeout_s):
+            with self.outbox.writer_lock(LOCK_WAIT_S):
                 self.outbox.bind_server(self.client.base_url)
                 seq = self.inbox.last_seq()
-                rows = self.inbox.rows() if changed else []
-                outcomes = self._map(rows, report) if changed else None
+                if changed:
+                    self._outcomes = self._map(self.inbox.rows(), report)
                 if events:
                     report.notifications = self.recomputer.handle_events()
                 self._send(report)
-                if outcomes is not None:
-                    self._settle(outcomes, report)
-                    self._mapped_seq = seq
+                self._settle(self._outcomes, report)
+                self._mapped_seq = seq if changed else self._mapped_seq
         except ServerUnavailable as exc:
-            report.unavailable = True
-            self._retry_at = time.monotonic() + self.settings.delivery_retry_s
-            log.warning(
-                "FHIR server unavailable (%s); retrying in %ss",
-                exc.status or "no answer",
-                self.settings.delivery_retry_s,
-            )
-        except LockBusy:
-            log.info("the outbox is being written by another sender; retrying")
+            self._unavailable(report, f"HTTP {exc.status}" if exc.status else "no answer")
+        except OutboxBusy:
+            log.info("the outbox is being written by another sender (a sync); retrying")
         except ServerError as exc:
-            self._retry_at = time.monotonic() + self.settings.delivery_retry_s
-            log.error("FHIR server refused the delivery: HTTP %s", exc.status)
+            self._unavailable(report, f"HTTP {exc.status} reading from the server")
         return report
+
+    def _unavailable(self, report: CycleReport, why: str) -> None:
+        report.unavailable = True
+        self._retry_at = time.monotonic() + self.settings.delivery_retry_s
+        log.warning(
+            "FHIR server unavailable (%s); retrying in %ss", why, self.settings.delivery_retry_s
+        )
 
     def _map(self, rows: list[InboxRow], report: CycleReport) -> list[tuple[InboxRow, str]]:
         """Stage the live inbox records; returns (row, provisional outcome) per row."""
@@ -199,6 +195,9 @@ class DeliveryWorker:
             threshold=self.threshold,
             records=feed,
             source_prefix=WEBHOOK_SOURCE,
+            # each retraction is an explicit DELETE of the EHR: the mass-removal guard of
+            # `sync DIR` (a file that lost rows by mistake) does not apply
+            allow_removals=True,
         )
         rejected: dict[tuple[str, int], str] = {}
         for issue in intake.issues:
@@ -240,16 +239,26 @@ class DeliveryWorker:
             identity=self.settings.identity_strategy,
         )
         summary = sender.run()
-        report.sent = {k: v for k, v in summary.as_dict().items() if v}
+        report.sent = {k: v for k, v in summary.as_dict().items() if isinstance(v, int) and v}
+        if summary.undelivered_reason is not None:
+            self._unavailable(report, f"{summary.undelivered} resources undelivered")
+        elif not report.worked:  # only held-back rows left: do not ask the server every cycle
+            self._retry_at = time.monotonic() + self.settings.delivery_retry_s
         log.info(
             "delivered in %.2fs: %s",
             time.monotonic() - started,
             ", ".join(f"{k} {v}" for k, v in report.sent.items()) or "nothing",
         )
 
+    @property
+    def _unsettled(self) -> bool:
+        return any(state == "mapped" or state == "retracted" for _, state in self._outcomes)
+
     def _settle(self, outcomes: list[tuple[InboxRow, str]], report: CycleReport) -> None:
-        """Each row's state from what the outbox now says about its primary resource."""
+        """Each row's state from what the outbox now says about its primary resource; rows
+        still on their way are settled again after the next send."""
         final: list[tuple[InboxRow, str, str | None]] = []
+        still: list[tuple[InboxRow, str]] = []
         for row, outcome in outcomes:
             if outcome.startswith("rejected:"):
                 final.append((row, "rejected", outcome.removeprefix("rejected:")))
@@ -266,6 +275,8 @@ class DeliveryWorker:
                     or (held.retracted and held.state == "sent")
                 )
                 final.append((row, "retracted" if gone else "pending", None))
+                if not gone:
+                    still.append((row, outcome))
             elif held is not None and held.state == "sent" and held.sent_hash == held.hash:
                 final.append((row, "delivered", None))
                 report.delivered += 1
@@ -273,7 +284,9 @@ class DeliveryWorker:
                 final.append((row, "dead", "rejected by the FHIR server (see dead-letters)"))
             else:
                 final.append((row, "pending", None))
+                still.append((row, outcome))
         self.inbox.settle(final)
+        self._outcomes = still
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, should_stop: Callable[[], bool]) -> None:
@@ -330,5 +343,4 @@ __all__ = [
     "WorkerBusy",
     "single_worker",
     "webhook_context",
-    "writer_lock",
 ]

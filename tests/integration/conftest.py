@@ -114,6 +114,16 @@ class AdapterCli:
             env=adapter_env(),
         )
 
+    def spawn(self, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+        """Start ``fhir-adapter ARGS`` with stdout and stderr piped (text); the caller waits."""
+        return subprocess.Popen(
+            self.argv(*args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=adapter_env(env),
+        )
+
     def sync_args(self, directory: Path, *extra: str, server: str | None = None) -> list[str]:
         return [
             "sync",
@@ -230,6 +240,10 @@ class FhirView:
         assert not duplicated, f"business keys held more than once: {duplicated}"
         return {k: (v[0]["id"], v[0]["meta"]["versionId"]) for k, v in held.items()}
 
+    def problems(self, rtypes: list[str]) -> dict[str, Any]:
+        """What must never be stored (see `stored_problems`); empty when all is well."""
+        return stored_problems(self, rtypes)
+
     def dangling_references(self, rtypes: list[str]) -> list[str]:
         """``Type/id`` references (anywhere in the resources) that the server does not hold."""
         resources = [r for t in rtypes for r in self.search(t)]
@@ -281,6 +295,55 @@ def make_view() -> type[FhirView]:
     """``make_view(base_url)``: a read-only view of another server."""
     return FhirView
 
+
+# -- fault injection (test_sync_fault_proxy.py) -------------------------------------------------
+# Appended for issue 8: the fault-injecting proxy (tests/faultproxy.py) in front of a real server,
+# and the checks every fault test ends with. `fault_upstream` is the one fixture naming the
+# server: parametrize it to run the same fault tests against another FHIR server (HAPI).
+
+from tests.faultproxy import FaultProxy  # noqa: E402
+
+
+@pytest.fixture
+def fault_upstream(fhir_reset: str) -> str:
+    """Base URL of the (emptied) real FHIR server behind the fault proxy."""
+    return fhir_reset
+
+
+@pytest.fixture
+def fault_proxy(fault_upstream: str) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of ``fault_upstream``; no fault armed yet."""
+    with FaultProxy(fault_upstream) as proxy:
+        yield proxy
+
+
+def stored_problems(view: FhirView, rtypes: list[str]) -> dict[str, Any]:
+    """What must never be on the server: a business key held twice, a reference to nothing,
+    a reference that is not a literal ``Type/id`` (``urn:uuid:…``, ``Type?identifier=…``)."""
+    held = view.held(rtypes)
+    not_literal: list[str] = []
+
+    def walk(node: Any, owner: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "reference" and isinstance(value, str):
+                    if value.startswith("urn:") or "?" in value:
+                        not_literal.append(f"{owner} -> {value}")
+                else:
+                    walk(value, owner)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, owner)
+
+    for (rtype, bkey), resources in held.items():
+        for resource in resources:
+            walk(resource, f"{rtype} {bkey}")
+    problems = {
+        "duplicated": duplicates(held),
+        "dangling": view.dangling_references(rtypes),
+        "not_literal": not_literal,
+    }
+    return {k: v for k, v in problems.items() if v}
 
 # -- webhook tests (test_webhook_*.py) -----------------------------------------------------------
 # Appended for the webhook layer: the Flask app through its test client with a delivery worker

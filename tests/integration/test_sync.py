@@ -290,6 +290,7 @@ class TestWholeSet:
             "extra": [],
             "differing": [],
             "duplicated": [],
+            "dangling": [],
             "repaired": 0,
         }
 
@@ -473,15 +474,22 @@ def test_reconcile_finds_and_repairs_a_resource_deleted_on_the_server(
     report = summary_of(adapter_cli.reconcile(), 65)
     assert report["missing"] == [f"{key[0]} {key[1]}"]
     assert report["extra"] == report["differing"] == report["duplicated"] == []
+    # its Provenance and the improvement still point at the deleted id
+    assert report["dangling"], report
 
     repaired = summary_of(adapter_cli.reconcile("--repair"))
-    assert repaired["repaired"] == 1
+    # the missing resource, and each resource that referred to its old id
+    referrers = {d.split(" -> ")[0] for d in report["dangling"]}
+    assert repaired["repaired"] == 1 + len(referrers)
+    assert repaired["sent"]["created"] == 1
+    assert repaired["sent"]["updated"] == len(referrers)
     assert summary_of(adapter_cli.reconcile())["missing"] == []
     assert summary_of(adapter_cli.reconcile()) == {
         "missing": [],
         "extra": [],
         "differing": [],
         "duplicated": [],
+        "dangling": [],
         "repaired": 0,
     }
     assert len(fhir_view.search("Observation", {"identifier": key[1]})) == 1
