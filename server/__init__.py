@@ -18,13 +18,13 @@ import traceback
 from pathlib import Path
 
 from flask import Flask, Response, g, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from fhir_adapter.settings import Settings
 from fhir_adapter.sync.delivery import webhook_context
 from fhir_adapter.sync.inbox import ThreadInboxes
 from server import ingest, notify, openapi, ops
-from server.auth import Caller, Unauthorized, authenticate, remember_webhook_id
+from server.auth import Caller, Unauthorized, authenticate, claim
 from server.outcome import (
     Problem,
     empty_response,
@@ -73,6 +73,10 @@ def _authenticate() -> Response | None:
         return None
     st = state()
     body = request.get_data(cache=True)  # over the size limit: 413 before anything else
+    # a chunked body is cut at the limit, not refused: refuse it when more was sent
+    cut = request.content_length is None and len(body) >= st.settings.max_request_bytes
+    if cut and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
     is_notify = request.path.startswith("/fhir/notify")
     try:
         caller = authenticate(request, st, body, notify=is_notify)
@@ -80,6 +84,11 @@ def _authenticate() -> Response | None:
         log.info("refused %s %s: %s", request.method, request.endpoint or "(no route)", exc)
         return outcome_response(401, [Problem(str(exc), "security")], _CHALLENGE)
     g.caller = caller
+    if not _claims_with_the_write():
+        try:
+            claim(st, caller.claims)
+        except Unauthorized as exc:
+            return outcome_response(401, [Problem(str(exc), "security")], _CHALLENGE)
     if caller.duplicate:
         log.info("duplicate Standard Webhooks message acknowledged, not processed again")
         if is_notify:
@@ -88,10 +97,17 @@ def _authenticate() -> Response | None:
     return None
 
 
+def _claims_with_the_write() -> bool:
+    """Ingest commits the request's one-time values with its records (one transaction)."""
+    return request.method == "POST" and str(request.endpoint or "").startswith("ingest.")
+
+
 def _after(response: Response) -> Response:
     caller: Caller | None = g.get("caller")
-    if caller is not None and 200 <= response.status_code < 300 and not caller.duplicate:
-        remember_webhook_id(state(), caller)
+    ok = 200 <= response.status_code < 300
+    if caller is not None and ok and not caller.duplicate and not _claims_with_the_write():
+        for one in caller.on_success():
+            state().inbox.first_use(one.scheme, one.token, one.ttl_s)
     response.headers.setdefault("Cache-Control", "no-store")
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from flask import Request
 from standardwebhooks.webhooks import Webhook
 
+from fhir_adapter.sync.inbox import Claim
 from server.state import AppState
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -37,6 +38,7 @@ _WEBHOOK_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
 _MAX_SIGNATURE_HEADER = 2048
 #: how long a processed webhook-id is remembered (senders retry for hours or days)
 WEBHOOK_ID_TTL_S = 3 * 24 * 3600.0
+WEBHOOK_ID = "standard-webhooks-id"
 
 
 class Unauthorized(Exception):
@@ -48,6 +50,14 @@ class Caller:
     scheme: str  # bearer | hmac | standard-webhooks | medplum
     webhook_id: str | None = None
     duplicate: bool = False  # a Standard Webhooks message id already processed
+    #: values this request may use once (its signature); claimed with what it writes
+    claims: tuple[Claim, ...] = ()
+
+    def on_success(self) -> tuple[Claim, ...]:
+        """What a processed request leaves behind: its message id (later ones: duplicates)."""
+        if self.webhook_id is None:
+            return ()
+        return (Claim(WEBHOOK_ID, self.webhook_id, WEBHOOK_ID_TTL_S),)
 
 
 def authenticate(request: Request, st: AppState, body: bytes, *, notify: bool) -> Caller:
@@ -104,9 +114,9 @@ def _hmac(signature: str, timestamp: str | None, st: AppState, body: bytes) -> C
     expected = hmac.new(secret, timestamp.strip().encode() + b"." + body, hashlib.sha256)
     if not hmac.compare_digest(expected.hexdigest(), digest.lower()):
         raise Unauthorized("signature does not match")
-    if not st.inbox.first_use("hmac", digest.lower(), 2.0 * tolerance + 60):
-        raise Unauthorized("signature already used (replayed request)")
-    return Caller("hmac")
+    claim = Claim("hmac", digest.lower(), 2.0 * tolerance + 60)
+    _not_replayed(st, claim)
+    return Caller("hmac", claims=(claim,))
 
 
 def _medplum(signature: str, st: AppState, body: bytes) -> Caller:
@@ -142,17 +152,23 @@ def _standard(request: Request, st: AppState, body: bytes) -> Caller:
         raise Unauthorized(
             "Standard Webhooks signature invalid, malformed or outside the 5-minute window"
         ) from None
-    inbox = st.inbox
-    if not inbox.first_use("standard-webhooks-signature", signature, 2.0 * 300 + 60):
-        raise Unauthorized("signature already used (replayed request)")
+    claim = Claim("standard-webhooks-signature", signature, 2.0 * 300 + 60)
+    _not_replayed(st, claim)
     return Caller(
         "standard-webhooks",
         webhook_id=msg_id,
-        duplicate=inbox.seen("standard-webhooks-id", msg_id),
+        duplicate=st.inbox.seen(WEBHOOK_ID, msg_id),
+        claims=(claim,),
     )
 
 
-def remember_webhook_id(st: AppState, caller: Caller) -> None:
-    """After a successful answer: later deliveries of the same message id are duplicates."""
-    if caller.webhook_id is not None:
-        st.inbox.first_use("standard-webhooks-id", caller.webhook_id, WEBHOOK_ID_TTL_S)
+def _not_replayed(st: AppState, claim: Claim) -> None:
+    if st.inbox.seen(claim.scheme, claim.token):
+        raise Unauthorized("signature already used (replayed request)")
+
+
+def claim(st: AppState, claims: tuple[Claim, ...]) -> None:
+    """Use the request's one-time values now (requests that write nothing else)."""
+    for one in claims:
+        if not st.inbox.first_use(one.scheme, one.token, one.ttl_s):
+            raise Unauthorized("signature already used (replayed request)")

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, g, request
 
 from fhir_adapter.errors import InvalidInput
 from fhir_adapter.intake import KINDS, Intake, site_today
@@ -22,9 +22,11 @@ from fhir_adapter.sync.inbox import (
     KEY_FIELDS,
     PRIMARY_TYPE,
     InboxConflict,
+    Replayed,
     RetractRefused,
     record_ident,
 )
+from server.auth import Caller
 from server.outcome import Problem, error_response, json_response, outcome_response
 from server.state import AppState, state
 
@@ -127,8 +129,14 @@ def _ingest(kind: str) -> Response:
             len(problems),
         )
         return outcome_response(422, problems)
+    caller: Caller | None = g.get("caller")
+    claims = () if caller is None else (*caller.claims, *caller.on_success())
     try:
-        accepted = st.inbox.accept(kind, records)
+        accepted = st.inbox.accept(kind, records, claims=claims)
+    except Replayed:
+        return outcome_response(
+            401, [Problem("signature already used (replayed request)", "security")]
+        )
     except InboxConflict as exc:
         st.inbox.bump(f"rejected:{kind}", len(records))
         return outcome_response(

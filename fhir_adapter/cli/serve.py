@@ -107,7 +107,17 @@ def _gunicorn(settings: Settings, host: str, port: int, on_exit: Any) -> Any:
                 self.cfg.set("control_socket_disable", True)
 
         def load(self) -> Any:
-            return create_app(settings)
+            app = create_app(settings)
+            inner = app.wsgi_app
+
+            def terminated(environ: dict[str, Any], start_response: Any) -> Any:
+                # gunicorn ends a chunked body itself: let Werkzeug read it (up to the size
+                # limit, then 413) instead of seeing an empty body
+                environ.setdefault("wsgi.input_terminated", True)
+                return inner(environ, start_response)
+
+            app.wsgi_app = terminated  # type: ignore[method-assign]
+            return app
 
     return Application()
 
