@@ -43,6 +43,12 @@ class InvalidInput(AdapterError):
     exit_code = ExitCode.DATA_ERROR
 
 
+class OutputRefused(AdapterError):
+    """An output or rejects path that cannot be used: an input, not writable, someone else's."""
+
+    exit_code = ExitCode.USAGE
+
+
 class InputUnreadable(AdapterError):
     """A whole input file cannot be used: missing, not UTF-8, empty, or missing required columns."""
 

@@ -4,10 +4,14 @@
 mix valid rows with deliberately bad ones (documented in ``bad/README.md`` and in
 :func:`bad_rows` / :data:`BAD_FILES`) and whole files the intake must refuse.
 
-Everything is derived from ``random.Random(seed)`` and the study start (``study.start_date`` of
-the trial, 2024-08-28): no global random state, no wall clock, so a seed gives byte-identical
-files. ``today`` only keeps the data in the past (visits, resolutions and withdrawals after it
-are not generated). Visits, arms and criteria come from the trial definition.
+Everything is derived from ``random.Random(seed)`` and ``today`` (the ``--today`` of the command,
+by default the site's real date): every date is an offset from ``today`` - the data set starts
+``elapsed_days`` (795) days before it - so a seed and a ``today`` give byte-identical files,
+another ``today`` shifts every date by the same number of days, and the deliberately bad
+"future" dates of ``bad/`` (``today`` + 30 days) stay in the future on the day the set is made.
+No global random state, no wall clock. ``elapsed_days`` shorter than the study truncates it:
+visits, resolutions and withdrawals after ``today`` are not generated. Visits, arms and criteria
+come from the trial definition.
 
 Rows are written as they are generated, one participant at a time: memory does not grow with
 ``n_participants`` (used for the 100x benchmarks).
@@ -57,8 +61,10 @@ from fhir_adapter.intake import KINDS, file_name
 from fhir_adapter.trial import Criterion, Trial, load_trial
 
 DEFAULT_SEED = 20241028
-DEFAULT_TODAY = dt.date(2026, 11, 1)
-STUDY_START = dt.date(2024, 8, 28)  # used when the trial definition has no start_date
+DEFAULT_TODAY = dt.date(2026, 11, 1)  # the library's default; the command uses the real date
+STUDY_START = dt.date(2024, 8, 28)  # the registry's start date: 795 days before DEFAULT_TODAY
+#: Days from the first screening to ``today``: recruitment, then the whole follow-up.
+DEFAULT_ELAPSED_DAYS = (DEFAULT_TODAY - STUDY_START).days
 RECRUITMENT_DAYS = 365
 
 RATERS: tuple[str, ...] = ("R1", "R2", "R3", "R4")
@@ -841,13 +847,13 @@ def _participant(
     return withdrawn_on is not None
 
 
-def _setup(trial: Trial, today: dt.date) -> _Setup:
-    start = trial.study.start_date or STUDY_START
+def _setup(trial: Trial, today: dt.date, elapsed_days: int) -> _Setup:
+    start = today - dt.timedelta(days=elapsed_days)
     last_offset = trial.visits[-1].offset_days
     # screening, enrolment and the first treatment (up to 17 days) all before today
-    available = (today - start).days - 30
+    available = elapsed_days - 30
     if available < 1:
-        raise ValueError(f"today ({today}) must be over 30 days after the study start ({start})")
+        raise ValueError(f"elapsed_days ({elapsed_days}) must be over 30 (today - first screening)")
     follow_ups = tuple(v.id for v in trial.visits[1:])
     missing = [c for c in _SCORE_COLUMNS if c not in KINDS["masi"].columns(trial)]
     if missing:  # pragma: no cover - the MASI columns are the scoring rule's
@@ -936,9 +942,13 @@ def _not_in(values: Sequence[str] | frozenset[str], candidate: str) -> str:
     return candidate
 
 
-def _bad_tables(trial: Trial, today: dt.date) -> dict[str, _Table]:
+def _unpadded(day: dt.date) -> str:
+    """A date of ``day``'s month written without zero padding (2024-9-5): not YYYY-MM-DD."""
+    return f"{day.year}-{day.month}-5"
+
+
+def _bad_tables(trial: Trial, today: dt.date, start: dt.date) -> dict[str, _Table]:
     """Rows of every file in bad/, each with the problem it carries (None = valid row)."""
-    start = trial.study.start_date or STUDY_START
     base = trial.baseline_visit
     fu = [v.id for v in trial.visits[1:]]
     v1, v2 = fu[0], fu[1 % len(fu)]
@@ -950,6 +960,9 @@ def _bad_tables(trial: Trial, today: dt.date) -> dict[str, _Table]:
     def day(n: int) -> str:
         return _iso(start + dt.timedelta(days=n))
 
+    def born(years: int, days: int) -> str:  # ``years`` completed on the study's first day
+        return _iso(_add_years(start, -years) - dt.timedelta(days=days))
+
     ft = {"B001": 13, "B002": 15, "B003": 16}
 
     def on(subject: str, visit: str, shift: int = 0) -> str:
@@ -957,7 +970,7 @@ def _bad_tables(trial: Trial, today: dt.date) -> dict[str, _Table]:
         return day(ft.get(subject, 13) + offset + shift)
 
     def person(subject: str, **values: str) -> dict[str, str]:
-        return {"subject_id": subject, "sex": "female", "birth_date": "1990-03-14"} | values
+        return {"subject_id": subject, "sex": "female", "birth_date": born(34, 167)} | values
 
     participants: _Table = [
         (
@@ -976,7 +989,7 @@ def _bad_tables(trial: Trial, today: dt.date) -> dict[str, _Table]:
             person(
                 "B002",
                 arm=arm_b,
-                birth_date="1985-11-02",
+                birth_date=born(38, 300),
                 consent_date=day(6),
                 enrolled_on=day(9),
                 first_treatment_on=day(15),
@@ -989,7 +1002,7 @@ def _bad_tables(trial: Trial, today: dt.date) -> dict[str, _Table]:
                 "B003",
                 arm=arm_b,
                 sex="male",
-                birth_date="1992-06-20",
+                birth_date=born(32, 69),
                 consent_date=day(7),
                 enrolled_on=day(12),
                 first_treatment_on=day(16),
@@ -999,7 +1012,7 @@ def _bad_tables(trial: Trial, today: dt.date) -> dict[str, _Table]:
             ),
             None,
         ),
-        (person("B004", birth_date="1993-01-08", consent_date=day(8)), None),
+        (person("B004", birth_date=born(31, 233), consent_date=day(8)), None),
         (
             person(
                 "B005",
@@ -1012,12 +1025,12 @@ def _bad_tables(trial: Trial, today: dt.date) -> dict[str, _Table]:
         ),
         (person("B006", sex="F", consent_date=day(9)), ("sex", "'F' is not a sex code")),
         (
-            person("B007", birth_date="1990/05/12", consent_date=day(9)),
+            person("B007", birth_date=born(34, 108).replace("-", "/"), consent_date=day(9)),
             ("birth_date", "date not written YYYY-MM-DD"),
         ),
         (person("B008", consent_date=future), ("consent_date", "date in the future")),
         (
-            person("B009", birth_date="1988-02-30", consent_date=day(9)),
+            person("B009", birth_date=f"{start.year - 36}-02-30", consent_date=day(9)),
             ("birth_date", "not a real calendar date"),
         ),
         (person("B001", consent_date=day(5)), ("subject_id", "duplicate subject_id")),
@@ -1074,7 +1087,7 @@ def _bad_tables(trial: Trial, today: dt.date) -> dict[str, _Table]:
             (other_exclusion, "answer is not yes/no/empty"),
         ),
         (screening("B001", future), ("screened_on", "date in the future")),
-        (screening("B001", "2024-13-01"), ("screened_on", "not a real calendar date")),
+        (screening("B001", f"{start.year}-13-01"), ("screened_on", "not a real calendar date")),
     ]
 
     def masi(
@@ -1111,7 +1124,9 @@ def _bad_tables(trial: Trial, today: dt.date) -> dict[str, _Table]:
         (masi("B099", base, "R1", assessed_on=day(10)), ("subject_id", "unknown subject")),
         (masi("B001", v2, "R1", assessed_on=future), ("assessed_on", "date in the future")),
         (
-            masi("B001", v2, "R1", assessed_on="10/11/2024"),
+            masi(
+                "B001", v2, "R1", assessed_on=(start + dt.timedelta(days=74)).strftime("%m/%d/%Y")
+            ),
             ("assessed_on", "date not written YYYY-MM-DD"),
         ),
         (masi("B001", v2, "R#1"), ("rater_id", "not a valid identifier")),
@@ -1229,7 +1244,12 @@ def _bad_tables(trial: Trial, today: dt.date) -> dict[str, _Table]:
         (ae("AE0013", "B099", AeTerm.ERYTHEMA.value), ("subject_id", "unknown subject")),
         (ae("AE0014", "B001", AeTerm.ERYTHEMA.value, visit="week2"), ("visit", "unknown visit")),
         (
-            ae("AE0015", "B001", AeTerm.ERYTHEMA.value, onset_on="2024-9-30"),
+            ae(
+                "AE0015",
+                "B001",
+                AeTerm.ERYTHEMA.value,
+                onset_on=_unpadded(start + dt.timedelta(days=33)),
+            ),
             ("onset_on", "date not written YYYY-MM-DD"),
         ),
         (
@@ -1255,7 +1275,8 @@ def bad_rows(trial: Trial | None = None, today: dt.date = DEFAULT_TODAY) -> tupl
     """Every documented bad (or warning) row of ``bad/``, in file order then line order."""
     trial = trial or load_trial()
     out: list[BadRow] = []
-    for kind, table in _bad_tables(trial, today).items():
+    start = today - dt.timedelta(days=DEFAULT_ELAPSED_DAYS)  # lines and fields only
+    for kind, table in _bad_tables(trial, today, start).items():
         for index, (_, problem) in enumerate(table):
             if problem is not None:
                 severity: Literal["error", "warning"] = (
@@ -1279,8 +1300,10 @@ def _csv_text(columns: Sequence[str], rows: Sequence[Mapping[str, str]], eol: st
     return eol.join(lines) + eol
 
 
-def _write_bad(trial: Trial, today: dt.date, bad_dir: Path) -> tuple[list[str], list[BadRow]]:
-    tables = _bad_tables(trial, today)
+def _write_bad(
+    trial: Trial, today: dt.date, start: dt.date, bad_dir: Path
+) -> tuple[list[str], list[BadRow]]:
+    tables = _bad_tables(trial, today, start)
     written: list[str] = []
     for kind, table in tables.items():
         _write_table(
@@ -1374,24 +1397,25 @@ def generate(
     trial: Trial | None = None,
     today: dt.date | None = None,
     with_bad: bool = True,
+    elapsed_days: int = DEFAULT_ELAPSED_DAYS,
 ) -> GenerateSummary:
-    """Write the synthetic data set (and ``bad/``) into ``out_dir``; same seed, same bytes."""
+    """Write the synthetic data set (and ``bad/``) into ``out_dir``; same seed and ``today``,
+    same bytes. ``today`` defaults to :data:`DEFAULT_TODAY` (the command passes the site's
+    real date)."""
     if n_participants < 1:
         raise ValueError("n_participants must be at least 1")
     trial = trial or load_trial()
     today = today or DEFAULT_TODAY
-    setup = _setup(trial, today)
+    setup = _setup(trial, today, elapsed_days)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)  # noqa: S311 - synthetic data, not security
     counts, enrolled, failures, withdrawn = _write_good(rng, setup, out_dir, n_participants)
     bad_files: list[str] = []
     rows: list[BadRow] = []
     if with_bad:
-        if today < setup.start + dt.timedelta(days=BAD_SET_MIN_DAYS):
-            raise ValueError(
-                f"the bad/ files need today at least {BAD_SET_MIN_DAYS} days after the study start"
-            )
-        written, rows = _write_bad(trial, today, out_dir / "bad")
+        if elapsed_days < BAD_SET_MIN_DAYS:
+            raise ValueError(f"the bad/ files need elapsed_days of at least {BAD_SET_MIN_DAYS}")
+        written, rows = _write_bad(trial, today, setup.start, out_dir / "bad")
         bad_files = [f"bad/{name}" for name in written]
     return GenerateSummary(
         out_dir=out_dir,

@@ -15,7 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -104,6 +104,25 @@ class Settings(BaseSettings):
     deid_key: SecretStr | None = None
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+    # --- intake limits (SPEC §3) -----------------------------------------------------------
+    max_file_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1, description="Largest source file read (bytes)"
+    )
+    max_columns: int = Field(default=512, ge=1, description="Widest header read (columns)")
+    mrn_pattern: str = Field(
+        default=r"[A-Za-z0-9-]{1,32}",
+        description="Regular expression a whole hospital MRN must match; others are dropped",
+    )
+
+    @field_validator("mrn_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc.msg})") from None
+        return value
 
     # --- webhook server and delivery worker (SPEC §8; appended) ------------------------------
     webhook_standard_secret: SecretStr | None = Field(

@@ -79,7 +79,9 @@ def _unknown_fields(kind: str, records: list[dict[str, Any]], st: AppState) -> l
 def validate(kind: str, records: list[dict[str, Any]], st: AppState) -> list[Problem]:
     """Every problem of every record, by field; never a submitted value."""
     problems = _unknown_fields(kind, records, st)
-    intake = Intake(trial=st.trial, today=site_today(st.ctx.timezone), cross_file=False)
+    intake = Intake(
+        trial=st.trial, today=site_today(st.ctx.timezone), cross_file=False, settings=st.settings
+    )
     _, issues = intake.read_records(kind, records, kind)
     for issue in issues:
         if issue.severity != "error":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime as dt
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -22,7 +24,17 @@ from fhir_adapter.cli.base import (
 from fhir_adapter.domain import EligibilityScreening, MasiRating
 from fhir_adapter.eligibility import evaluate
 from fhir_adapter.errors import ExitCode, InputUnreadable
-from fhir_adapter.intake import KINDS, Intake, RejectsWriter, file_name, site_today
+from fhir_adapter.intake import (
+    KINDS,
+    Intake,
+    RejectsWriter,
+    file_name,
+    is_rejects_file,
+    site_today,
+    source_files,
+)
+from fhir_adapter.io.csvfile import source_exists
+from fhir_adapter.io.outputs import check_output
 from fhir_adapter.jsonout import dumps
 from fhir_adapter.scoring import VisitScore, score_visits
 
@@ -31,7 +43,8 @@ _rejects_option = click.option(
     type=click.Path(path_type=Path),
     default=None,
     help="Write rejected rows, with line, field and reason, to this CSV file (or directory, "
-    "for commands that read a directory). Nothing is written anywhere else.",
+    "for commands that read a directory), replacing the previous run's. Nothing is written "
+    "anywhere else; an input file is never a rejects path.",
 )
 
 
@@ -64,15 +77,36 @@ def _intake(app: AppContext, *, cross_file: bool, rejects: RejectsWriter | None)
         cross_file=cross_file,
         rejects=rejects,
         on_issue=echo_err,
+        settings=app.settings,
     )
+
+
+def check_rejects(
+    path: Path | None, inputs: Iterable[Path], *, directory: bool, option: str = "--rejects"
+) -> None:
+    """Refuse a rejects path that is (or holds) an input or a file the adapter did not write,
+    before anything is read or written."""
+    if path is not None:
+        check_output(
+            path,
+            option=option,
+            inputs=inputs,
+            kind="directory" if directory else "file",
+            owned=is_rejects_file,
+        )
+
+
+def participants_rejects(rejects: Path) -> Path:
+    """Where `eligibility --rejects FILE` puts the rejected rows of participants.csv."""
+    return rejects.with_name(f"{rejects.stem}.participants{rejects.suffix or '.csv'}")
 
 
 def _score(
     app: AppContext, path: Path, threshold: Decimal | None, rejects: Path | None
 ) -> tuple[Intake, list[VisitScore]]:
-    writer = RejectsWriter(rejects, single_file=True) if rejects else None
-    intake = _intake(app, cross_file=False, rejects=writer)
-    try:
+    check_rejects(rejects, [path], directory=False)
+    with _rejects_writer(rejects, single_file=True) as writer:
+        intake = _intake(app, cross_file=False, rejects=writer)
         ratings: Iterable[MasiRating] = progress(intake.read_csv("masi", path), "scoring")
         scores = score_visits(
             ratings,
@@ -80,10 +114,18 @@ def _score(
             app.trial.visit_order,
             app.trial.baseline_visit,
         )
-    finally:
-        if writer:
-            writer.close()
     return intake, scores
+
+
+@contextlib.contextmanager
+def _rejects_writer(
+    rejects: Path | None, *, single_file: bool, files: dict[str, Path] | None = None
+) -> Iterator[RejectsWriter | None]:
+    if rejects is None:
+        yield None
+        return
+    with RejectsWriter(rejects, single_file=single_file, files=files) as writer:
+        yield writer
 
 
 @cli.command()
@@ -180,18 +222,18 @@ def validate_directory(
     """
     if not directory.is_dir():
         raise InputUnreadable(f"{directory}: not a directory")
-    if not (directory / file_name("participants")).is_file():
+    if not source_exists(directory / file_name("participants")):
         raise InputUnreadable(
             f"{directory}: participants.csv is required (the other files refer to it)"
         )
-    writer = RejectsWriter(rejects, single_file=False) if rejects else None
-    intake = _intake(app, cross_file=True, rejects=writer)
+    check_rejects(rejects, [directory, *source_files(directory)], directory=True)
     unreadable: list[str] = []
     absent: list[str] = []
-    try:
+    with _rejects_writer(rejects, single_file=False) as writer:
+        intake = _intake(app, cross_file=True, rejects=writer)
         for kind in KINDS:
             path = directory / file_name(kind)
-            if not path.is_file():
+            if not source_exists(path):  # what is there but is no file is unreadable
                 absent.append(path.name)
                 continue
             try:
@@ -200,9 +242,6 @@ def validate_directory(
             except InputUnreadable as exc:
                 echo_err(f"error: {exc}")
                 unreadable.append(path.name)
-    finally:
-        if writer:
-            writer.close()
     return intake, unreadable, absent
 
 
@@ -213,9 +252,10 @@ def validate_directory(
 @pass_app
 def validate(app: AppContext, directory: Path, rejects: Path | None, as_json: bool) -> None:
     """Validate a directory of the eCRF export (participants.csv, eligibility.csv, masi.csv,
-    pga.csv, satisfaction.csv, adverse_events.csv): rows read, accepted, rejected per file.
+    pga.csv, satisfaction.csv, adverse_events.csv): rows read, accepted, rejected per file
+    ("dropped": rows kept without a value that was rejected, e.g. an MRN off the pattern).
 
-    Exit 65 when any row is rejected, 66 when a file cannot be read at all.
+    Exit 65 when any row or value is rejected, 66 when a file cannot be read at all.
     """
     with user_errors():
         intake, unreadable, absent = validate_directory(app, directory, rejects)
@@ -223,11 +263,14 @@ def validate(app: AppContext, directory: Path, rejects: Path | None, as_json: bo
         if as_json:
             click.echo(dumps({"files": reports, "unreadable": unreadable, "absent": absent}))
         else:
-            click.echo(f"{'file':<22}{'rows':>7}{'accepted':>10}{'rejected':>10}{'warnings':>10}")
+            click.echo(
+                f"{'file':<22}{'rows':>7}{'accepted':>10}{'rejected':>10}{'warnings':>10}"
+                f"{'dropped':>9}"
+            )
             for r in reports:
                 click.echo(
                     f"{r['file']:<22}{r['rows_read']:>7}{r['accepted']:>10}"
-                    f"{r['rejected']:>10}{r['warnings']:>10}"
+                    f"{r['rejected']:>10}{r['warnings']:>10}{r['fields_rejected']:>9}"
                 )
             for name in unreadable:
                 click.echo(f"{name:<22}  unreadable (see the message above)")
@@ -256,27 +299,30 @@ def eligibility(
     """Evaluate the eligibility criteria: JSON Lines {subject_id, result, failed, unknown}.
 
     result is eligible, ineligible (failed lists the criteria not met) or incomplete (unknown
-    lists the unanswered ones); criterion ids I1-I5, E1-E14 in protocol order.
+    lists the unanswered ones); criterion ids I1-I5, E1-E14 in protocol order. With
+    --rejects FILE, rejected rows of the participants file go to FILE's sibling
+    NAME.participants.csv (e.g. rejects.participants.csv).
     """
     with user_errors():
         if participants_csv is None:
             sibling = eligibility_csv.parent / file_name("participants")
-            participants_csv = sibling if sibling.is_file() else None
-        intake = _intake(app, cross_file=participants_csv is not None, rejects=None)
-        if participants_csv is not None:
-            for _ in intake.read_csv("participants", participants_csv):
-                pass
-        writer = RejectsWriter(rejects, single_file=True) if rejects else None
-        intake.rejects = writer
-        try:
+            participants_csv = sibling if source_exists(sibling) else None
+        inputs = [eligibility_csv, *([participants_csv] if participants_csv else [])]
+        files: dict[str, Path] = {}
+        if rejects is not None and participants_csv is not None:
+            files[participants_csv.name] = participants_rejects(rejects)
+            check_rejects(files[participants_csv.name], inputs, directory=False)
+        check_rejects(rejects, inputs, directory=False)
+        with _rejects_writer(rejects, single_file=True, files=files) as writer:
+            intake = _intake(app, cross_file=participants_csv is not None, rejects=writer)
+            if participants_csv is not None:
+                for _ in intake.read_csv("participants", participants_csv):
+                    pass
             screenings = [
                 s
                 for s in intake.read_csv("eligibility", eligibility_csv)
                 if isinstance(s, EligibilityScreening)
             ]
-        finally:
-            if writer:
-                writer.close()
         for screening in sorted(screenings, key=lambda s: s.subject_id):
             result = evaluate(screening, intake.participants.get(screening.subject_id), app.trial)
             sys.stdout.write(dumps(result.as_dict()) + "\n")
@@ -294,13 +340,32 @@ def eligibility(
     show_default=True,
     help="Enrolled participants (screen failures come on top).",
 )
+@click.option(
+    "--today",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="The day the data set ends on, YYYY-MM-DD (default: today's date at the site). Every "
+    "date is offset from it, so the deliberately bad future dates stay in the future.",
+)
 @pass_app
-def generate(app: AppContext, out_dir: Path, seed: int, n_participants: int) -> None:
-    """Write a synthetic, seeded data set (six CSV files) and a bad/ folder of broken files."""
+def generate(
+    app: AppContext, out_dir: Path, seed: int, n_participants: int, today: dt.datetime | None
+) -> None:
+    """Write a synthetic, seeded data set (six CSV files) and a bad/ folder of broken files.
+
+    The same seed and --today give the same bytes; another --today shifts every date.
+    """
     from fhir_adapter.generate import generate as run_generate
 
     with user_errors():
-        summary = run_generate(out_dir, seed=seed, n_participants=n_participants, trial=app.trial)
+        day = today.date() if today is not None else site_today(app.timezone)
+        try:
+            summary = run_generate(
+                out_dir, seed=seed, n_participants=n_participants, trial=app.trial, today=day
+            )
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
         for name, count in summary.rows.items():
             echo_err(f"{name}: {count} rows")
         echo_err(f"bad files: {len(summary.bad_files)} under {out_dir / 'bad'}")
+        echo_err(f"dates end on {day.isoformat()} (--today)")

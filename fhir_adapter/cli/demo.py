@@ -52,7 +52,13 @@ def demo(app: AppContext, out: Path, seed: int, n_participants: int) -> None:
 
         node_bin()  # the local FHIR server needs Node: say so before any work is done
         data = out / "data"
-        summary = generate(data, seed=seed, n_participants=n_participants, trial=app.trial)
+        summary = generate(
+            data,
+            seed=seed,
+            n_participants=n_participants,
+            trial=app.trial,
+            today=site_today(app.timezone),  # the bad set's future dates stay in the future
+        )
         _say(
             f"1. generated {sum(summary.rows.values())} rows in {data} (seed {seed}); "
             f"deliberately bad files in {data / 'bad'}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import Counter
 from pathlib import Path
@@ -10,10 +11,16 @@ import click
 
 from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, progress, user_errors
 from fhir_adapter.errors import ExitCode
-from fhir_adapter.intake import Intake, RejectsWriter, site_today
+from fhir_adapter.intake import Intake, RejectsWriter, is_rejects_file, site_today, source_files
+from fhir_adapter.io.outputs import check_output, refuse_overlap, replaced_file
 from fhir_adapter.mapping.context import FhirVersion, MappingContext, Target
 from fhir_adapter.mapping.dataset import DatasetMapper
-from fhir_adapter.mapping.output import write_bundles, write_ndjson
+from fhir_adapter.mapping.output import (
+    is_bundle_file,
+    is_ndjson_file,
+    write_bundles,
+    write_ndjson,
+)
 from fhir_adapter.mapping.terminology import Terminology
 from fhir_adapter.mapping.validation import validated
 
@@ -31,6 +38,21 @@ def mapping_context(app: AppContext, version: FhirVersion, target: Target) -> Ma
     )
 
 
+def _check_outputs(directory: Path, out: Path, fmt: str, rejects: Path | None) -> None:
+    """Refuse, before anything is read or written, outputs that are (or hold) inputs, that
+    hold files the adapter did not write, or that cannot be written."""
+    inputs = [directory, *source_files(directory)]
+    if fmt == "ndjson":
+        check_output(out, option="--out", inputs=inputs, kind="file", owned=is_ndjson_file)
+    else:
+        check_output(out, option="--out", inputs=inputs, kind="directory", owned=is_bundle_file)
+    if rejects is not None:
+        check_output(
+            rejects, option="--rejects", inputs=inputs, kind="directory", owned=is_rejects_file
+        )
+        refuse_overlap(("--out", out), ("--rejects", rejects))
+
+
 @cli.command("map")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option(
@@ -38,7 +60,8 @@ def mapping_context(app: AppContext, version: FhirVersion, target: Target) -> Ma
     "out",
     type=click.Path(path_type=Path),
     required=True,
-    help="Output: a directory of bundle-0001.json… (bundle) or one file (ndjson).",
+    help="Output: a directory of bundle-0001.json… (bundle) or one file (ndjson), replacing "
+    "what an earlier run wrote there; never an input, nor a path holding other files.",
 )
 @click.option(
     "--fhir-version",
@@ -86,28 +109,31 @@ def map_command(
     """
     with user_errors():
         version: FhirVersion = fhir_version or app.settings.fhir_version
+        _check_outputs(directory, out, fmt, rejects)
         ctx = mapping_context(app, version, target)
-        writer = RejectsWriter(rejects, single_file=False) if rejects else None
-        intake = Intake(
-            trial=app.trial, today=site_today(app.timezone), rejects=writer, on_issue=echo_err
-        )
-        mapper = DatasetMapper(ctx, intake, threshold=app.threshold(None))
         counts: Counter[str] = Counter()
-        resources = validated(mapper.resources(directory), ctx.terminology, version)
-        resources = progress(resources, "mapping", unit="resources")
-        try:
+        with contextlib.ExitStack() as stack:
+            writer = None
+            if rejects is not None:
+                writer = stack.enter_context(RejectsWriter(rejects, single_file=False))
+            intake = Intake(
+                trial=app.trial,
+                today=site_today(app.timezone),
+                rejects=writer,
+                on_issue=echo_err,
+                settings=app.settings,
+            )
+            mapper = DatasetMapper(ctx, intake, threshold=app.threshold(None))
+            resources = validated(mapper.resources(directory), ctx.terminology, version)
+            resources = progress(resources, "mapping", unit="resources")
             if fmt == "ndjson":
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with out.open("wb") as fh:
+                with replaced_file(out) as incoming, incoming.open("wb") as fh:
                     for resource in write_ndjson(resources, fh):
                         counts[resource["resourceType"]] += 1
             else:
                 size = bundle_size or app.settings.bundle_size
                 for resource in write_bundles(resources, out, size):
                     counts[resource["resourceType"]] += 1
-        finally:
-            if writer:
-                writer.close()
         for resource_type, n in sorted(counts.items()):
             echo_err(f"{resource_type:<16}{n:>7}")
         echo_err(f"{'total':<16}{sum(counts.values()):>7}")

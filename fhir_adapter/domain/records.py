@@ -24,10 +24,20 @@ from fhir_adapter.trial import Trial
 
 # Business identifiers are built from these values (S001-m3-masi-R1): printable, no spaces or
 # separators that would break a search URL. Values outside FHIR's id alphabet get hashed ids.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_INT_RE = re.compile(r"^[+-]?\d+$")
-_DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+# Digits are ASCII only ([0-9], never \\d, which also matches full-width and Arabic-Indic
+# digits); a sign is '-' only (no '+3'); patterns are matched whole (fullmatch).
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
+_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_INT_RE = re.compile(r"-?[0-9]+")
+_DECIMAL_RE = re.compile(r"-?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
+#: Longest whole number / decimal accepted as text: longer ones are a clear reject, never a
+#: conversion error of Python's (int() refuses more than 4,300 digits).
+MAX_INT_DIGITS = 9
+MAX_DECIMAL_CHARS = 32
+# C0 control characters except tab (NUL, BEL, ESC, a lone CR, ...): never in a value. Line
+# breaks (LF, CRLF) only in the free-text fields of a model.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f]")
+_CONTROL_EXCEPT_BREAKS_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]|\r(?!\n)")
 
 
 def _err(kind: str, message: str) -> PydanticCustomError:
@@ -42,9 +52,11 @@ def _parse_int(value: object) -> object:
         raise _err("int_type", "must be a whole number, not true/false")
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and _INT_RE.match(value):
+    if isinstance(value, str) and _INT_RE.fullmatch(value):
+        if len(value.lstrip("-").lstrip("0")) > MAX_INT_DIGITS:
+            raise _err("int_too_long", f"is too long a number (at most {MAX_INT_DIGITS} digits)")
         return int(value)
-    raise _err("int_parsing", "must be a whole number (e.g. 3, not 3.0 or 3.5)")
+    raise _err("int_parsing", "must be a whole number written with digits 0-9 (e.g. 3, not 3.0)")
 
 
 def _parse_date(value: object) -> object:
@@ -52,7 +64,7 @@ def _parse_date(value: object) -> object:
         raise _err("missing", "is required")
     if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
         return value
-    if isinstance(value, str) and _DATE_RE.match(value):
+    if isinstance(value, str) and _DATE_RE.fullmatch(value):
         try:
             return dt.date.fromisoformat(value)
         except ValueError:
@@ -71,18 +83,22 @@ def _parse_decimal(value: object) -> object:
         # JSON readers of this project parse numbers as Decimal; a float here comes from a
         # caller that built records by hand. repr() is the shortest exact round-trip string.
         return Decimal(repr(value))
-    if isinstance(value, str) and _DECIMAL_RE.match(value):
+    if isinstance(value, str) and _DECIMAL_RE.fullmatch(value):
+        if len(value) > MAX_DECIMAL_CHARS:
+            raise _err(
+                "decimal_too_long", f"is too long a number (at most {MAX_DECIMAL_CHARS} characters)"
+            )
         try:
             return Decimal(value)
         except InvalidOperation:  # pragma: no cover - the regex admits only valid literals
             pass
-    raise _err("decimal_parsing", "must be a number")
+    raise _err("decimal_parsing", "must be a number written with digits 0-9 (e.g. 40 or 33.5)")
 
 
 def _parse_id(value: object) -> object:
     if value is None:
         raise _err("missing", "is required")
-    if isinstance(value, str) and _ID_RE.match(value):
+    if isinstance(value, str) and _ID_RE.fullmatch(value):
         return value
     raise _err(
         "identifier",
@@ -180,14 +196,20 @@ class Record(BaseModel):
     optional_columns: ClassVar[frozenset[str]] = frozenset()
     #: Fields that hold personal data: never logged, never echoed.
     personal_fields: ClassVar[frozenset[str]] = frozenset()
+    #: Free-text fields: the only ones whose values may hold line breaks (SPEC §3).
+    free_text_fields: ClassVar[frozenset[str]] = frozenset()
 
     @model_validator(mode="before")
     @classmethod
     def _blank_is_absent(cls, data: Any) -> Any:
+        """Every text value is trimmed of leading and trailing whitespace (CSV and JSON alike,
+        free text included); an empty result means "absent". Control characters reject the
+        value whatever the field."""
         if isinstance(data, dict):
             cleaned: dict[str, Any] = {}
             for key, value in data.items():
-                if isinstance(value, str):
+                if isinstance(value, str) and key in cls.model_fields:
+                    _check_controls(key, value, key in cls.free_text_fields)
                     value = value.strip() or None  # trailing blanks, empty cells
                 cleaned[key] = value
             return cleaned
@@ -206,6 +228,14 @@ class Record(BaseModel):
             if ctx is not None and ctx.today is not None and value > ctx.today:
                 raise _err("date_future", "is in the future")
         return value
+
+
+def _check_controls(key: str, value: str, free_text: bool) -> None:
+    found = (_CONTROL_EXCEPT_BREAKS_RE if free_text else _CONTROL_RE).search(value)
+    if found is not None:
+        char = found.group()
+        what = "a line break" if char in "\r\n" else f"a control character (U+{ord(char):04X})"
+        raise _field_error(key, f"contains {what}; remove it")
 
 
 def _check_visit(value: str | None, info: ValidationInfo) -> str | None:
@@ -234,6 +264,7 @@ class Participant(Record):
     personal_fields: ClassVar[frozenset[str]] = frozenset(
         {"birth_date", "mrn", "withdrawal_reason"}
     )
+    free_text_fields: ClassVar[frozenset[str]] = frozenset({"withdrawal_reason"})
 
     subject_id: Identifier
     arm: str | None = None
@@ -410,6 +441,7 @@ class AdverseEvent(Record):
     kind: ClassVar[str] = "adverse_events"
     optional_columns: ClassVar[frozenset[str]] = frozenset({"visit"})
     personal_fields: ClassVar[frozenset[str]] = frozenset({"term_text", "action_taken"})
+    free_text_fields: ClassVar[frozenset[str]] = frozenset({"term_text", "action_taken"})
 
     ae_id: Identifier
     subject_id: Identifier

@@ -8,7 +8,6 @@ Only per-visit score summaries are held in memory, never the rows.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 from collections.abc import Iterator, Mapping, Sequence
 from decimal import Decimal
@@ -28,6 +27,7 @@ from fhir_adapter.domain.records import Record
 from fhir_adapter.eligibility import EligibilityResult, evaluate
 from fhir_adapter.errors import InputUnreadable
 from fhir_adapter.intake import KINDS, Intake, file_name
+from fhir_adapter.io.csvfile import source_exists
 from fhir_adapter.mapping import common, r4, r5
 from fhir_adapter.mapping.context import MappingContext, Resource
 from fhir_adapter.scoring import (
@@ -56,58 +56,6 @@ def study_resources(ctx: MappingContext) -> list[Resource]:
         *b.to_interventions(ctx),
         b.to_adapter_device(ctx),
     ]
-
-
-_VISIT_DATES = (
-    ("masi", "assessed_on"),
-    ("pga", "assessed_on"),
-    ("satisfaction", "assessed_on"),
-    ("adverse_events", "onset_on"),
-)
-
-
-def first_visit_dates(directory: Path) -> dict[tuple[str, str], dt.date]:
-    """The earliest date of any record per subject x visit: the Encounter's start.
-
-    A light pass over the visit files (three columns, no validation) so that the Encounter,
-    which must precede the Observations that refer to it, starts on its earliest date whatever
-    the order of the rows. Unparsable rows are skipped here; intake reports them later.
-    """
-    dates: dict[tuple[str, str], dt.date] = {}
-    for kind, column in _VISIT_DATES:
-        path = directory / file_name(kind)
-        if not path.is_file():
-            continue
-        try:
-            with path.open(encoding="utf-8-sig", newline="") as fh:
-                for row in csv.DictReader(fh):
-                    key = ((row.get("subject_id") or "").strip(), (row.get("visit") or "").strip())
-                    try:
-                        day = dt.date.fromisoformat((row.get(column) or "").strip())
-                    except ValueError:
-                        continue
-                    if all(key) and (key not in dates or day < dates[key]):
-                        dates[key] = day
-        except (UnicodeDecodeError, csv.Error, OSError):
-            continue  # intake rejects the file with a clear message
-    return dates
-
-
-def first_record_dates(
-    records: Mapping[str, Sequence[Mapping[str, Any]]],
-) -> dict[tuple[str, str], dt.date]:
-    """:func:`first_visit_dates` of JSON records (the webhook's inbox) instead of files."""
-    dates: dict[tuple[str, str], dt.date] = {}
-    for kind, column in _VISIT_DATES:
-        for row in records.get(kind, ()):
-            key = (str(row.get("subject_id") or ""), str(row.get("visit") or ""))
-            try:
-                day = dt.date.fromisoformat(str(row.get(column) or ""))
-            except ValueError:
-                continue
-            if all(key) and (key not in dates or day < dates[key]):
-                dates[key] = day
-    return dates
 
 
 R = TypeVar("R", bound=Record)
@@ -163,7 +111,7 @@ class DatasetMapper:
             yield from (r for r in accepted if isinstance(r, model))
             return
         path = directory / file_name(kind)
-        if not path.is_file():
+        if not source_exists(path):  # a directory or FIFO in its place is unreadable, not absent
             return
         self.source = kind
         self.present.add(kind)
@@ -213,15 +161,16 @@ class DatasetMapper:
 
     def resources(self, directory: Path) -> Iterator[Resource]:
         ctx, b = self.ctx, self.b
-        if self.records is None and not (directory / file_name("participants")).is_file():
+        if self.records is None and not source_exists(directory / file_name("participants")):
             raise InputUnreadable(
                 f"{directory}: participants.csv is required (the other files refer to it)"
             )
         yield from study_resources(ctx)
+        # each Encounter starts on the earliest date of its subject x visit (intake's pass)
         self._first_dates = (
-            first_visit_dates(directory)
+            self.intake.first_visit_dates(directory)
             if self.records is None
-            else first_record_dates(self.records)
+            else self.intake.first_record_dates(self.records)
         )
 
         participants = list(self._read(directory, "participants", Participant))

@@ -11,11 +11,13 @@ the transaction.
 from __future__ import annotations
 
 import copy
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from fhir_adapter.io.outputs import ReplacedDirectory, starts_with
 from fhir_adapter.jsonout import dumpb
 from fhir_adapter.mapping.context import Resource
 
@@ -82,9 +84,37 @@ def transaction_bundle(
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
+_BUNDLE_NAME = re.compile(r"bundle-[0-9]{4,}\.json")
+
+
+def is_bundle_file(path: Path) -> bool:
+    """A ``bundle-NNNN.json`` written by :func:`write_bundles` (what a re-run may replace)."""
+    return bool(_BUNDLE_NAME.fullmatch(path.name)) and starts_with(
+        path, b'{"resourceType":"Bundle"'
+    )
+
+
+def is_ndjson_file(path: Path) -> bool:
+    """An NDJSON file of resources written by :func:`write_ndjson` (or an empty file)."""
+    return starts_with(path, b'{"resourceType":')
+
+
 def write_bundles(resources: Iterable[Resource], out_dir: Path, size: int) -> Iterator[Resource]:
-    """Write ``bundle-0001.json``, ``bundle-0002.json``, … of at most ``size`` entries each."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write ``bundle-0001.json``, ``bundle-0002.json``, … of at most ``size`` entries each.
+
+    They replace the directory's earlier bundles whole once every resource is written (no
+    stale ``bundle-0007.json`` of a longer earlier run); an error leaves the old ones.
+    """
+    replacement = ReplacedDirectory(out_dir, is_bundle_file)
+    try:
+        yield from _write_bundles(resources, replacement.open(), size)
+    except BaseException:
+        replacement.abort()
+        raise
+    replacement.commit()
+
+
+def _write_bundles(resources: Iterable[Resource], out_dir: Path, size: int) -> Iterator[Resource]:
     conditional_refs: dict[str, str] = {}  # Type/id of resources already written -> conditional
     chunk: list[Resource] = []
     number = 0

@@ -186,7 +186,9 @@ class DeliveryWorker:
             else:
                 feed[row.kind].append(row.record)
                 fed[row.kind].append(row)
-        intake = Intake(trial=self.ctx.trial, today=site_today(self.ctx.timezone))
+        intake = Intake(
+            trial=self.ctx.trial, today=site_today(self.ctx.timezone), settings=self.settings
+        )
         stage, mapper = stage_directory(
             self.outbox,
             self.ctx,

@@ -394,7 +394,8 @@ class Recomputer:
             trial.baseline_visit,
         )
         self._adopt_references(subject, patient, observations)
-        mapper = DatasetMapper(ctx, Intake(trial=trial), threshold=self.worker.threshold)
+        intake = Intake(trial=trial, settings=self.worker.settings)
+        mapper = DatasetMapper(ctx, intake, threshold=self.worker.threshold)
         resources = list(mapper.derived_masi(scores))
         resources += self._pga(subject, scores, observations)
         return resources

@@ -244,3 +244,78 @@ def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 66
     assert "FHIR_ADAPTER_FHIR_VERSION" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- issue 9 -------------------------------------------------------------------------------------
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_output_paths_that_are_inputs_are_refused_in_one_line(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    h.write_csv(d / "participants.csv", [h.participant("S001")])
+    h.write_csv(d / "masi.csv", [h.masi(), h.masi(rater_id="R2", chin_a="9")], h.columns("masi"))
+    before = _tree(d)
+    for args in (
+        ["validate", d, "--rejects", d],
+        ["score", d / "masi.csv", "--rejects", d / "masi.csv"],
+        ["map", d, "--out", d / "participants.csv", "--format", "ndjson"],
+        ["map", d, "--out", d / "masi.csv"],
+    ):
+        result = run(*args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: ")
+        assert "internal error" not in result.stderr
+    assert _tree(d) == before
+
+
+def test_reruns_replace_their_outputs_whole(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    h.write_csv(d / "participants.csv", [h.participant("S001"), h.participant("S002")])
+    h.write_csv(d / "pga.csv", [h.pga(pga="9")])
+    out, rejects = tmp_path / "bundles", tmp_path / "rejects"
+    first = run("map", d, "--out", out, "--bundle-size", "5", "--rejects", rejects, cwd=tmp_path)
+    assert first.returncode == 65, first.stderr
+    assert len(list(out.glob("bundle-*.json"))) > 2
+    assert [p.name for p in rejects.iterdir()] == ["pga.csv"]
+    h.write_csv(d / "pga.csv", [h.pga()])
+    again = run("map", d, "--out", out, "--bundle-size", "500", "--rejects", rejects, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["bundle-0001.json"]  # no stale bundles
+    assert list(rejects.iterdir()) == []  # no stale rejects
+    single = tmp_path / "score-rejects.csv"
+    assert run("score", d / "pga.csv", "--rejects", single, cwd=tmp_path).returncode == 66
+    assert not single.exists()  # an unreadable input replaces nothing
+
+
+def test_generate_today_keeps_the_bad_set_bad(tmp_path: Path) -> None:
+    result = run("generate", tmp_path / "g", "--participants", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    check = run("validate", tmp_path / "g" / "bad", "--json", cwd=tmp_path)
+    assert check.returncode == 65
+    from fhir_adapter.generate import bad_rows
+
+    documented = sum(r.severity == "error" for r in bad_rows())
+    rejected = sum(f["rejected"] for f in json.loads(check.stdout)["files"])
+    assert rejected == documented  # the "future" rows are in the future today
+    later = run("generate", tmp_path / "h", "--today", "2031-05-04", cwd=tmp_path)
+    assert later.returncode == 0
+    assert "judged against 2031-05-04" in (tmp_path / "h" / "bad" / "README.md").read_text("utf-8")
+    bad = run("generate", tmp_path / "i", "--today", "04/05/2031", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert not (tmp_path / "i").exists()
+
+
+def test_validate_reports_dropped_values(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    h.write_csv(d / "participants.csv", [h.participant("S001", mrn="not an mrn")])
+    result = run("validate", d, "--json", cwd=tmp_path)
+    assert result.returncode == 65
+    (people,) = json.loads(result.stdout)["files"]
+    assert (people["accepted"], people["rejected"], people["fields_rejected"]) == (1, 0, 1)
+    assert "participants.csv:2: rejected: mrn: does not match the MRN pattern" in result.stderr
+    assert "not an mrn" not in result.stderr
+    table = run("validate", d, cwd=tmp_path).stdout.splitlines()
+    assert table[0].split()[-1] == "dropped"
+    assert table[1].split() == ["participants.csv", "1", "1", "0", "0", "1"]

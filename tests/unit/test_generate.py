@@ -183,7 +183,9 @@ def test_gb18030_file_is_not_utf8(generated: tuple[Path, GenerateSummary]) -> No
 
 def test_scaled_and_truncated_sets_stay_valid(tmp_path: Path, trial: Trial) -> None:
     today = dt.date(2025, 6, 1)
-    summary = generate(tmp_path, seed=3, n_participants=120, today=today, with_bad=False)
+    summary = generate(
+        tmp_path, seed=3, n_participants=120, today=today, with_bad=False, elapsed_days=277
+    )
     assert summary.enrolled == 120
     assert summary.screen_failures == 12
     assert summary.bad_files == ()
@@ -202,5 +204,47 @@ def test_scaled_and_truncated_sets_stay_valid(tmp_path: Path, trial: Trial) -> N
 def test_rejects_nonsense_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="n_participants"):
         generate(tmp_path, n_participants=0)
-    with pytest.raises(ValueError, match="today"):
-        generate(tmp_path, today=dt.date(2024, 9, 1))
+    with pytest.raises(ValueError, match="elapsed_days"):
+        generate(tmp_path, elapsed_days=20)
+    with pytest.raises(ValueError, match="elapsed_days"):
+        generate(tmp_path / "short", elapsed_days=100)  # too short for the bad/ set
+
+
+def _dates(path: Path) -> list[tuple[str, dt.date]]:
+    out = []
+    with path.open(encoding="utf-8", newline="") as fh:
+        for row in csv.DictReader(fh):
+            for column, value in row.items():
+                try:
+                    out.append((column, dt.date.fromisoformat(value)))
+                except ValueError:
+                    continue  # not a date, or a deliberately impossible one of bad/
+    return out
+
+
+def test_every_date_is_offset_from_today(tmp_path: Path, trial: Trial) -> None:
+    later = TODAY + dt.timedelta(days=400)
+    generate(tmp_path / "a", today=TODAY)
+    generate(tmp_path / "b", today=later)
+    for name in [f"{kind}.csv" for kind in KINDS] + [f"bad/{kind}.csv" for kind in KINDS]:
+        a, b = _dates(tmp_path / "a" / name), _dates(tmp_path / "b" / name)
+        assert len(a) == len(b) > 0
+        shifts = {(ca, (y - x).days) for (ca, x), (cb, y) in zip(a, b, strict=True)}
+        # birth dates keep the age in completed years on the screening day: a leap day
+        # may move them by one day more or less
+        assert {d for c, d in shifts if c != "birth_date"} == {400}, name
+        assert {d for c, d in shifts if c == "birth_date"} <= {399, 400, 401}, name
+    # the deliberately bad set is as bad on the later day, judged against that day
+    intake, _ = _read_all_on(trial, tmp_path / "b" / "bad", later)
+    assert intake.rejected == sum(r.severity == "error" for r in bad_rows(trial, later))
+    assert "judged against " + later.isoformat() in (
+        tmp_path / "b" / "bad" / "README.md"
+    ).read_text(encoding="utf-8")
+
+
+def _read_all_on(trial: Trial, directory: Path, today: dt.date) -> tuple[Intake, list[object]]:
+    intake = Intake(trial=trial, today=today)
+    records: list[object] = []
+    for kind in KINDS:
+        records += list(intake.read_csv(kind, directory / f"{kind}.csv"))
+    return intake, records

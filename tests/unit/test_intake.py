@@ -11,8 +11,16 @@ from typing import Any
 import pytest
 
 from fhir_adapter.errors import InputUnreadable
-from fhir_adapter.intake import Intake, RejectsWriter
+from fhir_adapter.intake import (
+    FORMULA_TRIGGERS,
+    Intake,
+    RejectsWriter,
+    is_rejects_file,
+    neutralise,
+    unneutralise,
+)
 from fhir_adapter.io import load_json_records
+from fhir_adapter.settings import Settings
 from fhir_adapter.trial import Trial
 from tests import helpers as h
 from tests.conftest import TODAY
@@ -259,3 +267,252 @@ def test_json_decimals_never_become_floats(intake: Intake) -> None:
     intake.cross_file = False
     (record,), _ = intake.read_records("satisfaction", load_json_records(body), "webhook")
     assert str(record.improvement_pct) == "33.3"  # type: ignore[attr-defined]
+
+
+# -- issue 9: values as the source states them ------------------------------------------------
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("+3", "digits 0-9"),
+        ("\uff13", "digits 0-9"),  # full-width 3
+        ("\u0663", "digits 0-9"),  # Arabic-Indic 3
+        ("9" * 5000, "too long a number (at most 9 digits)"),
+        ("0" * 20 + "3", None),  # leading zeros are digits like any other
+    ],
+)
+def test_scores_are_ascii_digits_only(
+    intake: Intake, tmp_path: Path, value: str, reason: str | None
+) -> None:
+    rows = [h.masi(rater_id="R1", forehead_d=value)]
+    accepted = _run(intake, tmp_path, "masi", rows)
+    errors = [i for i in intake.issues if i.severity == "error"]
+    if reason is None:
+        assert len(accepted) == 1
+        return
+    assert accepted == []
+    assert [(e.line, e.field) for e in errors] == [(2, "forehead_d")]
+    assert reason in errors[0].reason
+    assert "int" not in errors[0].reason.split()  # no Python internals
+
+
+def test_dates_and_percentages_are_ascii_too(intake: Intake, tmp_path: Path) -> None:
+    rows = [
+        h.satisfaction(visit="m1", assessed_on="\uff12\uff10\uff12\uff15-02-09"),
+        h.satisfaction(visit="m2", level="", improvement_pct="+40"),
+        h.satisfaction(visit="m3", level="", improvement_pct="\u0664\u0660"),
+        h.satisfaction(visit="m4", level="", improvement_pct="1" + "0" * 40),
+        h.satisfaction(visit="m5", level="", improvement_pct="-12.5"),
+    ]
+    accepted = _run(intake, tmp_path, "satisfaction", rows)
+    assert len(accepted) == 1
+    errors = {(i.line, i.field): i.reason for i in intake.issues if i.severity == "error"}
+    assert errors[(2, "assessed_on")] == "must be a date written YYYY-MM-DD"
+    assert "digits 0-9" in errors[(3, "improvement_pct")]
+    assert "digits 0-9" in errors[(4, "improvement_pct")]
+    assert "too long a number" in errors[(5, "improvement_pct")]
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "kept"),
+    [
+        ("withdrawal_reason", "moved\x00away", False),
+        ("withdrawal_reason", "moved\x1baway", False),
+        ("withdrawal_reason", "moved\raway", False),  # a lone CR
+        ("withdrawal_reason", "moved\r\naway", True),  # a line break in free text
+        ("withdrawal_reason", "moved\taway", True),  # tab is not a control character here
+        ("mrn", "MRN\x07-1", True),  # off the MRN pattern: dropped, the participant kept
+        ("sex", "female\n", False),  # a line break outside free text, even at the end
+        ("arm", "co\nmbo", False),
+    ],
+)
+def test_control_characters(
+    intake: Intake, tmp_path: Path, column: str, value: str, kept: bool
+) -> None:
+    row = h.participant("S009", status="withdrawn", withdrawn_on="2025-03-01")
+    row[column] = value
+    intake.cross_file = False
+    records = intake.read_records("participants", [row], "webhook")[0]
+    assert bool(records) is kept
+    if not kept:
+        (issue,) = intake.issues
+        assert issue.field == column
+        assert "control character" in issue.reason or "line break" in issue.reason
+
+
+def test_trimming_is_the_same_for_csv_and_json(intake: Intake, tmp_path: Path) -> None:
+    row = h.pga(pga="\u00a03\u3000", rater_id="\tR1 ")
+    intake.cross_file = False
+    (from_json,), _ = intake.read_records("pga", [row], "webhook")
+    path = h.write_csv(tmp_path / "pga.csv", [row])
+    (from_csv,) = list(Intake(trial=intake.trial, cross_file=False).read_csv("pga", path))
+    assert from_json == from_csv
+    assert (from_csv.pga, from_csv.rater_id) == (3, "R1")  # type: ignore[attr-defined]
+
+
+def test_an_mrn_off_the_pattern_is_dropped_and_reported(trial: Trial, tmp_path: Path) -> None:
+    rows = [
+        h.participant("S001", mrn="MRN-0001"),
+        h.participant("S002", mrn="MRN 0002; x"),
+        h.participant("S003", mrn="M" * 33),
+    ]
+    path = h.write_csv(tmp_path / "participants.csv", rows)
+    writer = RejectsWriter(tmp_path / "rejects", single_file=False)
+    intake = Intake(trial=trial, today=TODAY, rejects=writer)
+    people = list(intake.read_csv("participants", path))
+    writer.close()
+    assert [(p.subject_id, p.mrn) for p in people] == [  # type: ignore[attr-defined]
+        ("S001", "MRN-0001"),
+        ("S002", None),
+        ("S003", None),
+    ]
+    assert [(i.line, i.field) for i in intake.issues] == [(3, "mrn"), (4, "mrn")]
+    report = intake.reports["participants.csv"]
+    assert (report.accepted, report.rejected, report.fields_rejected) == (3, 0, 2)
+    assert intake.rejected == 2  # the exit status is 65
+    with (tmp_path / "rejects" / "participants.csv").open(encoding="utf-8", newline="") as fh:
+        kept = list(csv.DictReader(fh))
+    assert [(k["subject_id"], k["rejected_field"]) for k in kept] == [("S002", "mrn"), ("S003", "mrn")]
+    # a setting chooses the pattern
+    strict = Intake(
+        trial=trial,
+        today=TODAY,
+        settings=Settings(mrn_pattern=r"MRN-[0-9]{4}"),
+    )
+    assert [getattr(p, "mrn", None) for p in strict.read_csv("participants", path)] == [
+        "MRN-0001",
+        None,
+        None,
+    ]
+
+
+def test_mrn_pattern_setting_must_compile() -> None:
+    with pytest.raises(ValueError, match="not a regular expression"):
+        Settings(mrn_pattern="[unclosed")
+
+
+# -- issue 9: cascades -----------------------------------------------------------------------
+def test_rows_of_a_rejected_participant_are_explained_once_per_file(
+    trial: Trial, tmp_path: Path
+) -> None:
+    people = [h.participant("S001"), h.participant("S002", sex="F"), h.participant("S003")]
+    h.write_csv(tmp_path / "participants.csv", people)
+    masi = [h.masi("S002", rater_id=r) for r in ("R1", "R2", "R3")] + [h.masi("S001")]
+    h.write_csv(tmp_path / "masi.csv", masi)
+    h.write_csv(tmp_path / "pga.csv", [h.pga("S002", visit=v) for v in ("m1", "m2")])
+    lines: list[str] = []
+    intake = Intake(trial=trial, today=TODAY, on_issue=lines.append)
+    for kind in ("participants", "masi", "pga"):
+        list(intake.read_csv(kind, tmp_path / f"{kind}.csv"))
+    assert lines == [
+        "participants.csv:3: rejected: sex: Input should be 'female', 'male', 'other' or "
+        "'unknown'",
+        "masi.csv:2: rejected: subject_id: depends on rejected participant S002 "
+        "(participants.csv:3); its other rows in this file are rejected with it",
+        "pga.csv:2: rejected: subject_id: depends on rejected participant S002 "
+        "(participants.csv:3); its other rows in this file are rejected with it",
+    ]
+    assert intake.reports["masi.csv"].rejected == 3
+    assert intake.reports["masi.csv"].accepted == 1
+    assert intake.reports["pga.csv"].rejected == 2
+    # JSON records (the webhook) answer for each record, always
+    _, issues = intake.read_records("pga", [h.pga("S002", visit="m3")] * 2, "webhook")
+    assert [i.line for i in issues] == [0, 1]
+
+
+def test_rows_of_an_unreadable_participants_file_are_explained_once_per_file(
+    trial: Trial, tmp_path: Path
+) -> None:
+    (tmp_path / "participants.csv").write_bytes("subject_id,备注\n".encode("gb18030"))
+    h.write_csv(tmp_path / "pga.csv", [h.pga("S001", visit=v) for v in ("m1", "m2", "m3")])
+    lines: list[str] = []
+    intake = Intake(trial=trial, today=TODAY, on_issue=lines.append)
+    with pytest.raises(InputUnreadable, match="GB18030"):
+        list(intake.read_csv("participants", tmp_path / "participants.csv"))
+    assert list(intake.read_csv("pga", tmp_path / "pga.csv")) == []
+    assert lines == [
+        "pga.csv:2: rejected: subject_id: depends on participants.csv, which could not be "
+        "read; every row of this file is rejected with it"
+    ]
+    assert intake.reports["pga.csv"].rejected == 3
+
+
+def test_a_participant_rejected_for_its_structure_still_explains_its_rows(
+    trial: Trial, tmp_path: Path
+) -> None:
+    path = h.write_csv(tmp_path / "participants.csv", [h.participant("S001")])
+    path.write_bytes(path.read_bytes().replace(b",,MRN", b",moved, far away,MRN"))
+    h.write_csv(tmp_path / "pga.csv", [h.pga("S001")])
+    intake = Intake(trial=trial, today=TODAY)
+    list(intake.read_csv("participants", path))
+    list(intake.read_csv("pga", tmp_path / "pga.csv"))
+    assert [i.reason.split(" (")[0] for i in intake.issues] == [
+        "12 cells where the header has 11",
+        "depends on rejected participant S001",
+    ]
+
+
+# -- issue 9: rejects files ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("value", "written"),
+    [
+        ("=1+2", "'=1+2"),
+        ("+3", "'+3"),
+        ("-1", "'-1"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tx", "'\tx"),
+        ("\rx", "'\rx"),
+        ("'=already", "'=already"),
+        ("plain", "plain"),
+        ("", ""),
+    ],
+)
+def test_formula_cells_are_neutralised_and_read_back(value: str, written: str) -> None:
+    assert neutralise(value) == written
+    if value.startswith(FORMULA_TRIGGERS):
+        assert unneutralise(neutralise(value)) == value
+
+
+def test_rejects_directory_is_replaced_whole(trial: Trial, tmp_path: Path) -> None:
+    rejects = tmp_path / "rejects"
+    src = h.write_csv(tmp_path / "in" / "masi.csv", [h.masi(forehead_d="9")])
+    pga = h.write_csv(tmp_path / "in" / "pga.csv", [h.pga(pga="9")])
+    with RejectsWriter(rejects, single_file=False) as writer:
+        intake = Intake(trial=trial, today=TODAY, cross_file=False, rejects=writer)
+        list(intake.read_csv("masi", src))
+        list(intake.read_csv("pga", pga))
+    assert sorted(p.name for p in rejects.iterdir()) == ["masi.csv", "pga.csv"]
+    h.write_csv(src, [h.masi()])  # corrected: the next run leaves no stale rejects
+    with RejectsWriter(rejects, single_file=False) as writer:
+        intake = Intake(trial=trial, today=TODAY, cross_file=False, rejects=writer)
+        list(intake.read_csv("masi", src))
+        list(intake.read_csv("pga", pga))
+    assert sorted(p.name for p in rejects.iterdir()) == ["pga.csv"]
+    with pytest.raises(RuntimeError), RejectsWriter(rejects, single_file=False) as writer:
+        raise RuntimeError  # a failed run leaves the previous rejects as they were
+    assert sorted(p.name for p in rejects.iterdir()) == ["pga.csv"]
+
+
+def test_single_rejects_file_is_rewritten_even_when_clean(trial: Trial, tmp_path: Path) -> None:
+    target = tmp_path / "rejects.csv"
+    src = h.write_csv(tmp_path / "masi.csv", [h.masi(forehead_d="9")])
+    for expected in (1, 0):
+        with RejectsWriter(target, single_file=True) as writer:
+            intake = Intake(trial=trial, today=TODAY, cross_file=False, rejects=writer)
+            list(intake.read_csv("masi", src))
+        with target.open(encoding="utf-8", newline="") as fh:
+            assert len(list(csv.DictReader(fh))) == expected
+        h.write_csv(src, [h.masi()])
+    assert is_rejects_file(target)
+
+
+def test_unsplittable_records_keep_their_text(trial: Trial, tmp_path: Path) -> None:
+    path = h.write_csv(tmp_path / "pga.csv", [h.pga(), h.pga(visit="m2")])
+    path.write_bytes(path.read_bytes().replace(b"m2,R1", b'm2,"R1', 1))
+    with RejectsWriter(tmp_path / "r", single_file=False) as writer:
+        intake = Intake(trial=trial, today=TODAY, cross_file=False, rejects=writer)
+        assert len(list(intake.read_csv("pga", path))) == 1
+    with (tmp_path / "r" / "pga.csv").open(encoding="utf-8", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["subject_id"] == ""  # not guessed
+    assert row["rejected_text"] == 'S001,m2,"R1,2025-02-09,3'
+    assert row["rejected_field"] == "rater_id"

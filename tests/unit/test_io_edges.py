@@ -9,6 +9,7 @@ import pytest
 
 from fhir_adapter.errors import InputUnreadable, InvalidInput
 from fhir_adapter.io import load_json_records, open_csv
+from fhir_adapter.io.csvfile import RowProblem
 from fhir_adapter.jsonout import dumps
 
 
@@ -59,11 +60,13 @@ def test_blank_header_is_empty(tmp_path: Path) -> None:
         open_csv(path, ["a"])
 
 
-def test_short_rows_are_padded_and_line_numbers_follow_quoted_newlines(tmp_path: Path) -> None:
+def test_short_rows_are_rejected_and_line_numbers_follow_quoted_newlines(tmp_path: Path) -> None:
     path = tmp_path / "q.csv"
-    path.write_text('a,b\n"x\ny",1\n2\n', encoding="utf-8")
-    rows = list(open_csv(path, ["a", "b"]))
-    assert [(r.line, r.values) for r in rows] == [
-        (2, {"a": "x\ny", "b": "1"}),
-        (4, {"a": "2", "b": ""}),
+    path.write_text('a,b\n"x\ny",1\n2\n3,4\n', encoding="utf-8")
+    rows = list(open_csv(path, ["a", "b"], free_text=frozenset({"a"})))
+    assert [(r.line, r.values, r.problem) for r in rows] == [
+        (2, {"a": "x\ny", "b": "1"}, None),
+        (4, {}, RowProblem(None, "1 cells where the header has 2")),
+        (5, {"a": "3", "b": "4"}, None),
     ]
+    assert rows[1].text == "2"
