@@ -7,9 +7,10 @@ per business key, every reference resolves.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import IDENTIFIER_BASE, WebhookStack
+from tests.integration.conftest import IDENTIFIER_BASE, AdapterCli, WebhookStack
 from tests.webhook_helpers import masi, participant, pga
 
 TYPES = [
@@ -177,4 +178,40 @@ def test_delete_retracts_on_the_server(webhook_stack: WebhookStack) -> None:
     stack.deliver()
     for value in ("S001-m3-masi", "S001-m3-mmasi", "S001-m3-masi-R1", "S001-m3-masi-R2"):
         assert stack.observation(value)["status"] == "entered-in-error", value
+    assert_server_consistent(stack)
+
+
+def test_sync_dir_and_the_webhook_share_one_outbox(
+    webhook_stack: WebhookStack, tmp_path: Path
+) -> None:
+    """`sync DIR` never removes what came through the webhook, and the webhook's retractions
+    never remove what came from files: the outbox keeps each record's source."""
+    from tests.helpers import masi as masi_row
+    from tests.helpers import participant as participant_row
+    from tests.helpers import write_csv
+
+    stack = webhook_stack
+    stack.post("participants", participant("W001"))
+    stack.post("masi", masi("W001", "baseline", "R1", CLOSE))
+    stack.deliver()
+
+    data = tmp_path / "data"
+    write_csv(data / "participants.csv", [participant_row("F001")])
+    write_csv(data / "masi.csv", [masi_row("F001", "baseline", "R1", CLOSE)])
+    cli = AdapterCli(stack.view.base_url, stack.settings.outbox_path)
+    assert cli.sync(data).code == 0
+    # the file is the complete set of the file's records: the webhook's are not "missing"
+    assert stack.observation("W001-baseline-masi-R1")["status"] == "final"
+    assert len(stack.view.search("Patient", {"identifier": f"{IDENTIFIER_BASE}patient|W001"})) == 1
+
+    write_csv(data / "masi.csv", [masi_row("F001", "baseline", "R2", CLOSE)])  # R1 removed
+    result = cli.sync(data)
+    assert result.code == 0, result
+    assert stack.observation("F001-baseline-masi-R1")["status"] == "entered-in-error"
+    assert stack.observation("W001-baseline-masi-R1")["status"] == "final"
+
+    stack.delete("masi", "W001/baseline/R1")
+    stack.deliver()
+    assert stack.observation("W001-baseline-masi-R1")["status"] == "entered-in-error"
+    assert stack.observation("F001-baseline-masi-R2")["status"] == "final"
     assert_server_consistent(stack)
