@@ -89,7 +89,10 @@ def validate(kind: str, records: list[dict[str, Any]], st: AppState) -> list[Pro
         where = f"{kind}[{issue.line}]" if issue.line is not None else kind
         if issue.field:
             where += f".{issue.field}"
-        text = f"{issue.field}: {issue.reason}" if issue.field else issue.reason
+        # a file's intake may drop one field and keep the row ("…; the MRN was dropped"):
+        # the webhook refuses the request instead, so only the reason itself is given
+        reason = issue.reason.split("; ", 1)[0]
+        text = f"{issue.field}: {reason}" if issue.field else reason
         problems.append(Problem(text, _ISSUE_CODE.get(issue.reason, "value"), where))
     return problems
 

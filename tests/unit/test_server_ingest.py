@@ -274,3 +274,23 @@ def test_a_personal_value_never_reaches_the_logs(
     assert "ingest participants" in logged  # the logs say what happened...
     assert SENTINEL_MRN not in logged  # ...never to whom
     assert SENTINEL_TEXT not in logged
+
+
+def test_an_mrn_off_the_pattern_refuses_the_request(webhook: FlaskClient, inbox: Inbox) -> None:
+    """A file's intake drops such an MRN and keeps the row; the webhook keeps nothing of a
+    request with a bad field (the EHR corrects and sends it again)."""
+    response = post(webhook, "participants", participant("S001", mrn="Jane Doe 1990"))
+    assert response.status_code == 422
+    [issue] = issues(response)
+    assert issue["expression"] == ["participants[0].mrn"]
+    assert "kept" not in issue["diagnostics"]
+    assert "Jane" not in response.get_data(as_text=True)
+    assert inbox.rows() == []
+
+
+def test_control_characters_are_refused(webhook: FlaskClient) -> None:
+    record = participant("S001")
+    record["withdrawal_reason"] = "moved\x07away"
+    response = post(webhook, "participants", record)
+    assert response.status_code == 422
+    assert issues(response)[0]["expression"] == ["participants[0].withdrawal_reason"]
