@@ -269,10 +269,14 @@ def entry_outcome(
 
 
 def _same_origin(a: str, b: str) -> bool:
+    """Same scheme, host and port (``localhost`` and ``127.0.0.1`` count as one host: a
+    server on this machine may name itself either way)."""
+
     def origin(url: str) -> tuple[str, str, int | None]:
         parts = urlsplit(url)
         default = {"http": 80, "https": 443}.get(parts.scheme)
-        return parts.scheme, (parts.hostname or "").lower(), parts.port or default
+        host = (parts.hostname or "").lower()
+        return parts.scheme, "loopback" if is_loopback(host) else host, parts.port or default
 
     return origin(a) == origin(b)
 

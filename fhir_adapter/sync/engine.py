@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 Strategy = Literal["identifier", "tag", "client-id"]
 LOCAL_REFERENCE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})$")
+# a reference in an outbox body (canonical, compact orjson): rewritten on the bytes, which is
+# several times faster than walking the parsed resource
+_REFERENCE_BYTES = re.compile(rb'"reference":"([^"\\]*)"')
 MAX_PASSES = 3
 
 
@@ -289,7 +292,7 @@ class Sender:
 
     def _fingerprint(self, row: Row) -> str | None:
         try:
-            return fingerprint(self._resolve(row.parsed, {}))
+            return fingerprint(self._resolved(row, {}))
         except _Unresolved:
             return None
 
@@ -331,7 +334,7 @@ class Sender:
     def _entry(self, row: Row, full_urls: dict[str, str]) -> dict[str, Any]:
         if row.state == "delete":
             return {"request": {"method": "DELETE", "url": f"{row.rtype}/{row.server_id}"}}
-        resource = self._resolve(row.parsed, full_urls)
+        resource = self._resolved(row, full_urls)
         if self.strategy(row.rtype) == "client-id":
             resource["id"] = row.local_id
             return {"resource": resource, "request": {"method": "PUT", "url": row.key}}
@@ -354,18 +357,16 @@ class Sender:
             entry = {"fullUrl": full_urls[row.key], **entry}
         return entry
 
-    def _resolve(self, node: Any, full_urls: dict[str, str]) -> Any:
-        if isinstance(node, dict):
-            out = {}
-            for key, value in node.items():
-                if key == "reference" and isinstance(value, str):
-                    out[key] = self._target(value, full_urls)
-                else:
-                    out[key] = self._resolve(value, full_urls)
-            return out
-        if isinstance(node, list):
-            return [self._resolve(v, full_urls) for v in node]
-        return node
+    def _resolved(self, row: Row, full_urls: dict[str, str]) -> dict[str, Any]:
+        """The row's resource with every local reference rewritten to the server's id (or to
+        the ``urn:uuid`` of an entry of the same atomic Bundle); :class:`_Unresolved` when a
+        target has no server id."""
+
+        def rewrite(match: re.Match[bytes]) -> bytes:
+            target = self._target(match.group(1).decode(), full_urls)
+            return b'"reference":"' + target.encode() + b'"'
+
+        return dict(orjson.loads(_REFERENCE_BYTES.sub(rewrite, row.body)))
 
     def _target(self, reference: str, full_urls: dict[str, str]) -> str:
         if reference in full_urls:
@@ -380,16 +381,19 @@ class Sender:
 
     def targets(self, row: Row) -> frozenset[str]:
         """``Type/local id`` of every resource ``row`` refers to."""
-        if row.key not in self._targets:
-            self._targets[row.key] = frozenset(
-                r for r in references(row.parsed) if LOCAL_REFERENCE.match(r) and r != row.key
+        key = row.key
+        if key not in self._targets:
+            found = {m.decode() for m in _REFERENCE_BYTES.findall(row.body)}
+            self._targets[key] = frozenset(
+                r for r in found if r != key and LOCAL_REFERENCE.match(r)
             )
-        return self._targets[row.key]
+        return self._targets[key]
 
     def _hold(self, row: Row, target: str) -> None:
         self.outbox.hold(row, target)
-        log.warning("%s %s held back: it refers to %s, not on the server", row.rtype, row.bkey,
-                    target)  # fmt: skip
+        # one line per record at INFO; the CLI says once how many are held back
+        log.info("%s %s held back: it refers to %s, not on the server", row.rtype, row.bkey,
+                 target)  # fmt: skip
 
     # -- sending -----------------------------------------------------------------------------
     def run(self) -> SendSummary:

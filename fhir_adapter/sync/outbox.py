@@ -111,11 +111,6 @@ class Row:
         return dict(orjson.loads(self.body))
 
     @functools.cached_property
-    def parsed(self) -> dict[str, Any]:
-        """The body parsed once (read-only: use :attr:`resource` for a copy to change)."""
-        return dict(orjson.loads(self.body))
-
-    @property
     def key(self) -> str:
         """``Type/local id``: how the other bodies refer to this one."""
         return f"{self.rtype}/{self.local_id}"
@@ -358,17 +353,17 @@ class Outbox:
         removes nothing unless ``allow_removals``; it is listed in ``refused_removals``.
         """
         result = StageResult()
-        existing = {
-            (str(r[0]), str(r[1])): _Existing(r[2], r[3], r[4], r[5], r[6])
-            for r in self.db.execute(
-                "SELECT rtype, bkey, hash, state, sent_hash, source, retracted FROM resources"
-            )
-        }
-        refused_deletes = self._dead_keys("DELETE")
         seen: set[tuple[str, str]] = set()
         seen_by_source: Counter[str] = Counter()
         seq = 0
-        with self.transaction():
+        with self.transaction():  # read and written in one transaction: no writer in between
+            existing = {
+                (str(r[0]), str(r[1])): _Existing(r[2], r[3], r[4], r[5], r[6])
+                for r in self.db.execute(
+                    "SELECT rtype, bkey, hash, state, sent_hash, source, retracted FROM resources"
+                )
+            }
+            refused_deletes = self._dead_keys("DELETE")
             for source, resource, body in items:
                 seq += 1
                 rtype = str(resource["resourceType"])

@@ -121,3 +121,37 @@ def test_dependencies_live_in_the_user_cache_keyed_by_the_lock_file(tmp_path: Pa
     assert other.parent == install
     assert other != run_dir
     assert (other / "server.mjs").read_text(encoding="utf-8").endswith("// changed\n")
+
+
+def test_first_use_on_a_fresh_machine_runs_npm_ci_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty user cache: `npm ci` from the lock file, once, even when two callers race."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    results: list[Path] = []
+    errors: list[BaseException] = []
+
+    def install() -> None:
+        try:
+            results.append(ensure_installed())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    racers = [threading.Thread(target=install) for _ in range(2)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(600)
+    assert errors == []
+    assert len(set(results)) == 1
+    (run_dir,) = set(results)
+    assert run_dir.parent.parent == tmp_path / "cache" / "fhir-adapter"
+    assert (run_dir.parent / "node_modules" / "@medplum" / "core").is_dir()
+    # nothing half-built is left beside it
+    assert sorted(p.name for p in (tmp_path / "cache" / "fhir-adapter").iterdir()) == [
+        run_dir.parent.name
+    ]
+    stamp = run_dir.parent / ".fhir-adapter-installed"
+    before = stamp.stat().st_mtime_ns
+    assert ensure_installed() == run_dir  # installed: no second npm ci
+    assert stamp.stat().st_mtime_ns == before

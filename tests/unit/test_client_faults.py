@@ -536,9 +536,21 @@ def test_paging_follows_next_links_on_the_same_origin(httpserver: HTTPServer) ->
     assert found == ["a", "b", "c"]  # an absolute link, then a relative one
 
 
+def test_paging_link_may_name_this_machine_either_way(httpserver: HTTPServer) -> None:
+    page2 = f"http://localhost:{httpserver.port}{BASE}/Patient?page=2"
+    httpserver.expect_ordered_request(f"{BASE}/Patient").respond_with_response(
+        fhir(_searchset([{"resourceType": "Patient", "id": "a"}], page2))
+    )
+    httpserver.expect_ordered_request(f"{BASE}/Patient").respond_with_response(
+        fhir(_searchset([{"resourceType": "Patient", "id": "b"}]))
+    )
+    with FhirClient(settings(httpserver)) as client:
+        assert [r["id"] for r in client.search_all("Patient", {})] == ["a", "b"]
+
+
 @pytest.mark.parametrize(
     "elsewhere",
-    ["http://127.0.0.2:{port}/fhir/R4/Patient?page=2", "http://127.0.0.1:1/fhir/R4/Patient?p=2",
+    ["http://10.9.8.7:{port}/fhir/R4/Patient?page=2", "http://127.0.0.1:1/fhir/R4/Patient?p=2",
      "https://127.0.0.1:{port}/fhir/R4/Patient?page=2"],
     ids=["other-host", "other-port", "other-scheme"],
 )  # fmt: skip
