@@ -138,8 +138,10 @@ class ReplacedDirectory:
         self.target = target
         self.owned = owned
         self.incoming: Path | None = None
+        self._created = False
 
     def open(self) -> Path:
+        self._created = not os.path.lexists(self.target)
         self.target.mkdir(parents=True, exist_ok=True)
         incoming = self.target / f"{INCOMING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         incoming.mkdir()
@@ -168,6 +170,9 @@ class ReplacedDirectory:
         if self.incoming is not None:
             shutil.rmtree(self.incoming, ignore_errors=True)
             self.incoming = None
+            if self._created:  # a failed first run leaves no empty directory behind
+                with contextlib.suppress(OSError):
+                    self.target.rmdir()
 
 
 class ReplacedFile:

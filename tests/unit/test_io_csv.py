@@ -316,6 +316,10 @@ def test_a_directory_is_replaced_whole_and_only_its_own_files_go(tmp_path: Path)
     (aborted.open() / "bundle-0009.json").write_text("x", encoding="utf-8")
     aborted.abort()
     assert sorted(p.name for p in target.iterdir()) == ["bundle-0001.json", "keep.txt"]
+    fresh = ReplacedDirectory(tmp_path / "new", ours)
+    fresh.open()
+    fresh.abort()
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_file_is_replaced_by_one_rename(tmp_path: Path) -> None:
