@@ -768,6 +768,52 @@ class Outbox:
         return found
 
 
+    # -- appended for the webhook layer (SPEC §8) ------------------------------------------
+    def by_server_id(self, rtype: str, server_id: str) -> Row | None:
+        """The row of the resource the server holds as ``rtype/server_id``."""
+        r = self.db.execute(
+            f"SELECT {_ROW_COLUMNS} FROM resources WHERE rtype = ? AND server_id = ?",  # noqa: S608
+            (rtype, server_id),
+        ).fetchone()
+        return None if r is None else Row(*r)
+
+    def adopt(
+        self,
+        rtype: str,
+        bkey: str,
+        local_id: str,
+        body: bytes,
+        server_id: str,
+        version: str | None,
+        source: str,
+    ) -> bool:
+        """Record that the server holds ``bkey`` as ``rtype/server_id`` (``version``) with
+        content equivalent to ``body`` - a resource written or changed on the server by someone
+        else (e.g. the EHR). References to it then resolve, and staging the same content later
+        sends nothing. A row with a change of its own still to send is left alone (False).
+        """
+        digest = content_hash(body)
+        with self.transaction():
+            row = self.row(rtype, bkey)
+            if row is None:
+                self.db.execute(
+                    "INSERT OR IGNORE INTO resources (rtype, bkey, local_id, seq, source, body, "
+                    "hash, state, server_id, version_id, sent_hash) "
+                    "VALUES (?, ?, ?, 0, ?, ?, ?, 'sent', ?, ?, ?)",
+                    (rtype, bkey, local_id, source, body, digest, server_id, version, digest),
+                )
+                return True
+            if row.state not in ("sent", "tombstone"):
+                return False
+            self.db.execute(
+                "UPDATE resources SET body = ?, hash = ?, sent_hash = ?, state = 'sent', "
+                "server_id = ?, version_id = ?, retracted = 0, last_error = NULL "
+                "WHERE rtype = ? AND bkey = ?",
+                (body, digest, digest, server_id, version, rtype, bkey),
+            )
+        return True
+
+
 class _Removals:
     """Which records of each complete source this run did not emit (candidates for removal)."""
 

@@ -442,3 +442,199 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 # the line of the `hapi_test_server` fixture (pytest keeps the function as __wrapped__)
 _HAPI_SKIP_LINE = getattr(getattr(hapi_test_server, "__wrapped__", None), "__code__", None)
 _HAPI_SKIP_LINE = _HAPI_SKIP_LINE.co_firstlineno if _HAPI_SKIP_LINE else 0
+
+
+# -- webhook tests (test_webhook_*.py) -----------------------------------------------------------
+# Appended for the webhook layer: the Flask app through its test client with a delivery worker
+# cycled in-process against the session's server, and `fhir-adapter serve` as a real process.
+
+import signal  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+from fhir_adapter.settings import Settings  # noqa: E402
+from fhir_adapter.sync.delivery import DeliveryWorker, webhook_context  # noqa: E402
+from fhir_adapter.sync.inbox import Inbox  # noqa: E402
+from tests.webhook_helpers import CREDENTIALS_ENV, JSON, bearer_headers, body_of  # noqa: E402
+
+
+class WebhookStack:
+    """The webhook app (test client) and its delivery worker, on one outbox and one server."""
+
+    def __init__(self, base_url: str, outbox: Path) -> None:
+        from server import create_app
+
+        self.settings = Settings(
+            fhir_base_url=base_url,
+            outbox_path=outbox,
+            webhook_secret=CREDENTIALS_ENV["FHIR_ADAPTER_WEBHOOK_SECRET"],
+            webhook_token=CREDENTIALS_ENV["FHIR_ADAPTER_WEBHOOK_TOKEN"],
+            webhook_standard_secret=CREDENTIALS_ENV["FHIR_ADAPTER_WEBHOOK_STANDARD_SECRET"],
+            max_attempts=2,
+            max_retry_seconds=5,
+        )
+        self.client = create_app(self.settings).test_client()
+        ctx, threshold = webhook_context(self.settings)
+        self.ctx = ctx
+        self.worker = DeliveryWorker(self.settings, ctx, threshold=threshold)
+        self.view = FhirView(base_url)
+
+    def post(self, kind: str, records: Any) -> Any:
+        response = self.client.post(
+            f"/ingest/{kind}", data=body_of(records), headers={**JSON, **bearer_headers()}
+        )
+        assert response.status_code == 202, response.get_data(as_text=True)
+        return response.get_json()
+
+    def delete(self, kind: str, key: str) -> Any:
+        response = self.client.delete(f"/ingest/{kind}/{key}", headers=bearer_headers())
+        assert response.status_code == 202, response.get_data(as_text=True)
+        return response.get_json()
+
+    def deliver(self, cycles: int = 10) -> None:
+        """Cycle the worker until it has nothing left to do."""
+        for _ in range(cycles):
+            report = self.worker.cycle()
+            assert not report.unavailable
+            if not report.worked:
+                return
+        raise AssertionError("the delivery worker did not settle")
+
+    def inbox_states(self) -> dict[str, str]:
+        with Inbox(self.settings.outbox_path) as inbox:
+            return {f"{r.kind}/{r.key}": r.state for r in inbox.rows()}
+
+    def observation(self, value: str) -> dict[str, Any]:
+        found = self.view.search(
+            "Observation", {"identifier": f"{IDENTIFIER_BASE}observation|{value}"}
+        )
+        assert len(found) == 1, f"{value}: {len(found)} on the server"
+        return found[0]
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+@pytest.fixture
+def webhook_stack(fhir_reset: str, tmp_path: Path) -> Iterator[WebhookStack]:
+    stack = WebhookStack(fhir_reset, tmp_path / "outbox.sqlite")
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServeProcess:
+    """``fhir-adapter serve`` as a real process (its own process group), logs to a file."""
+
+    def __init__(
+        self,
+        server: str,
+        outbox: Path,
+        log: Path,
+        env: Mapping[str, str] | None = None,
+        *extra: str,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.argv = [
+            str(FHIR_ADAPTER),
+            "serve",
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--server",
+            server,
+            "--outbox",
+            str(outbox),
+            *extra,
+        ]
+        self.env = adapter_env(
+            {
+                **CREDENTIALS_ENV,
+                "FHIR_ADAPTER_DELIVERY_INTERVAL_S": "0.1",
+                "FHIR_ADAPTER_DELIVERY_RETRY_S": "0.5",
+                "FHIR_ADAPTER_MAX_ATTEMPTS": "2",
+                "FHIR_ADAPTER_MAX_RETRY_SECONDS": "3",
+                "FHIR_ADAPTER_CONNECT_TIMEOUT_S": "2",
+                **(env or {}),
+            }
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServeProcess:
+        with self.log.open("ab") as fh:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"serve did not start: {self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: master, web workers and delivery worker at once."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(timeout=30)
+
+    def post(self, kind: str, records: Any, session: requests.Session | None = None) -> Any:
+        http = session or requests
+        return http.post(
+            f"{self.url}/ingest/{kind}",
+            data=body_of(records),
+            headers={**JSON, **bearer_headers()},
+            timeout=30,
+        )
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """``serve_process(server_url, outbox, env=None, *extra)``: started; stopped at the end."""
+    started: list[ServeProcess] = []
+
+    def start(
+        server: str, outbox: Path, env: Mapping[str, str] | None = None, *extra: str
+    ) -> ServeProcess:
+        proc = ServeProcess(server, outbox, tmp_path / f"serve-{len(started)}.log", env, *extra)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 60, interval: float = 0.25) -> Any:
+    """Poll ``check`` until it returns a truthy value (bounded)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
