@@ -1,4 +1,4 @@
-"""De-identified export in Bulk Data layout (SPEC §9, §13), governed by ``mappings/deidentify.yaml``.
+"""De-identified export in Bulk Data layout (SPEC §9, §13), ruled by ``mappings/deidentify.yaml``.
 
 A limited data set: subject ids and every identifier that reveals them become keyed-HMAC
 pseudonyms (``FHIR_ADAPTER_DEID_KEY``), each subject's dates move back by an offset derived from

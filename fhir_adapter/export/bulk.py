@@ -69,7 +69,9 @@ class BulkWriter:
     def counts(self) -> dict[str, int]:
         return {rtype: len(lines) for rtype, lines in sorted(self._lines.items())}
 
-    def finish(self, *, transaction_time: str, request: str, extension: dict[str, Any]) -> dict[str, Any]:
+    def finish(
+        self, *, transaction_time: str, request: str, extension: dict[str, Any]
+    ) -> dict[str, Any]:
         output = []
         for rtype, lines in sorted(self._lines.items()):
             name = f"{rtype}.ndjson"

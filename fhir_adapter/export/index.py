@@ -112,7 +112,9 @@ class ResourceIndex:
         if key in self.entries:
             return  # the same resource twice in the source: exported once
         subject_paths = rule.subject if isinstance(rule.subject, tuple) else ()
-        entry = Entry(identity, self._refs(resource, subject_paths), self._refs(resource, rule.required))
+        entry = Entry(
+            identity, self._refs(resource, subject_paths), self._refs(resource, rule.required)
+        )
         owner = self.owners.setdefault((rtype, identity), sid)
         if owner != sid:
             entry.exported = False

@@ -22,7 +22,9 @@ _PSEUDONYM = b"fhir-adapter/deid/v1/pseudonym\x00"
 _DATE_SHIFT = b"fhir-adapter/deid/v1/date-shift\x00"
 
 # FHIR date, dateTime and instant: YYYY, YYYY-MM, YYYY-MM-DD, then an optional time and zone
-_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2})?)?)?)?$")
+_DATE = re.compile(
+    r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
 # what a kept string must not look like in a subject's resource (at least year and month)
 DATE_LIKE = re.compile(r"\d{4}-\d{2}(?:-\d{2})?")
 

@@ -24,7 +24,7 @@ from fhir_adapter.export.bulk import BulkWriter
 from fhir_adapter.export.index import ResourceIndex
 from fhir_adapter.export.keys import Keys
 from fhir_adapter.export.rules import DeidRules
-from fhir_adapter.export.scrub import Findings, ScrubContext, Scrubber, Withheld
+from fhir_adapter.export.scrub import Findings, Scrubber, ScrubContext, Withheld
 from fhir_adapter.jsonout import dumpb
 
 Resource = dict[str, Any]
@@ -94,12 +94,13 @@ class Exporter:
         timezone: dt.tzinfo,
         base_url: str | None = None,
         validate: Validator | None = None,
+        vocabularies: dict[str, frozenset[str]] | None = None,
         on_resource: Callable[[], None] | None = None,
     ) -> None:
         self.rules = rules
         self.keys = Keys(key, hex_length=rules.hex_length, max_shift_days=rules.max_shift_days)
         self.index = ResourceIndex(rules, self.keys, identifier_base, base_url)
-        self.scrubber = Scrubber(rules, self.keys, identifier_base, timezone)
+        self.scrubber = Scrubber(rules, self.keys, identifier_base, timezone, vocabularies)
         self.validate = validate
         self.on_resource = on_resource
         self.withheld = 0
@@ -158,7 +159,9 @@ class Exporter:
             self._withhold(writer, rtype, new_id, str(exc), "extension")
             return
         except AdapterError as exc:  # invalid after scrubbing: a gap in the allow-list
-            self._withhold(writer, rtype, new_id, f"not valid after de-identification: {exc}", "invalid")
+            self._withhold(
+                writer, rtype, new_id, f"not valid after de-identification: {exc}", "invalid"
+            )
             return
         writer.add(clean)
 
@@ -169,10 +172,27 @@ class Exporter:
     def _report_findings(self, writer: BulkWriter) -> None:
         f = self.scrubber.findings
         tables = (
-            (f.unknown_extensions, "extension", "extensions with URL {1} not on the allow-list were removed from {0}"),
-            (f.guarded, "suppressed", "kept values at {1} looked like a date or a business key and were removed"),
+            (
+                f.unknown_extensions,
+                "extension",
+                "extensions with URL {1} not on the allow-list were removed from {0}",
+            ),
+            (
+                f.guarded,
+                "suppressed",
+                "kept values at {1} looked like a date or a business key and were removed",
+            ),
             (f.unparsable_dates, "suppressed", "values at {1} are not FHIR dates and were removed"),
-            (f.dangling, "suppressed", "references at {1} point outside the export and were removed"),
+            (
+                f.dangling,
+                "suppressed",
+                "references at {1} point outside the export and were removed",
+            ),
+            (
+                f.unlisted,
+                "suppressed",
+                "values at {1} are not in their closed list and were removed",
+            ),
         )
         for counter, code, text in tables:
             for (rtype, where), n in sorted(counter.items()):
@@ -186,9 +206,11 @@ class Exporter:
 
     def _description(self) -> dict[str, Any]:
         return {
-            "kind": "limited data set: pseudonymized, dates shifted per subject (not HIPAA Safe Harbor)",
+            "kind": "limited data set: pseudonymized, dates shifted per subject "
+            "(not HIPAA Safe Harbor)",
             "pseudonyms": f"HMAC-SHA256, first {self.rules.hex_length} hex characters",
-            "dateShift": f"every date of a subject moved back by 1 to {self.rules.max_shift_days} days",
+            "dateShift": "every date of a subject moved back by the same 1 to "
+            f"{self.rules.max_shift_days} days",
             "allowList": "mappings/deidentify.yaml",
             "allowListSha256": self.rules.digest,
             "adapterVersion": __version__,

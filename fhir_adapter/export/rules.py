@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,28 +29,45 @@ _SEGMENT = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
 
 @dataclass
 class RuleNode:
-    """One element name of a rule path: its own action (if a rule ends here) and deeper rules."""
+    """One element name of a rule path: its own action (if a rule ends here) and deeper rules.
+
+    ``vocabulary``: a `keep` limited to the values of a closed list (e.g. the AE terms'
+    displays), so free text written where a code's text is expected is dropped.
+    """
 
     action: Action | None = None
     children: dict[str, RuleNode] = field(default_factory=dict)
+    vocabulary: str | None = None
 
     def child(self, name: str) -> RuleNode | None:
         return self.children.get(name)
 
     def actions(self) -> set[str]:
-        found = {self.action} if self.action else set()
+        found: set[str] = {self.action} if self.action else set()
         for node in self.children.values():
             found |= node.actions()
         return found
 
+    def vocabularies(self) -> set[str]:
+        found = {self.vocabulary} if self.vocabulary else set()
+        for node in self.children.values():
+            found |= node.vocabularies()
+        return found
 
-def compile_rules(rules: dict[str, Action]) -> RuleNode:
+
+Rule = str | dict[str, str]  # an action, or {keep: VOCABULARY}
+
+
+def compile_rules(rules: dict[str, Rule]) -> RuleNode:
     root = RuleNode()
-    for path, action in rules.items():
+    for path, rule in rules.items():
         node = root
         for segment in path.split("."):
             node = node.children.setdefault(segment, RuleNode())
-        node.action = action
+        if isinstance(rule, dict):
+            node.action, node.vocabulary = "keep", rule["keep"]
+        else:
+            node.action = rule  # type: ignore[assignment]
     return root
 
 
@@ -97,12 +115,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_paths(rules: dict[str, str]) -> dict[str, str]:
-    for path, action in rules.items():
+def _check_paths(rules: dict[str, Rule]) -> dict[str, Rule]:
+    for path, rule in rules.items():
         if not all(_SEGMENT.match(s) for s in path.split(".")):
             raise ValueError(f"{path!r} is not a dotted path of element names")
-        if action not in ACTIONS:
-            raise ValueError(f"{path}: unknown action {action!r} (one of {sorted(ACTIONS)})")
+        if isinstance(rule, dict):
+            if set(rule) != {"keep"} or not isinstance(rule["keep"], str):
+                raise ValueError(f"{path}: a limited rule reads {{keep: VOCABULARY}}")
+        elif rule not in ACTIONS:
+            raise ValueError(f"{path}: unknown action {rule!r} (one of {sorted(ACTIONS)})")
     return rules
 
 
@@ -117,11 +138,11 @@ class _DateShift(_Model):
 class _TypeSpec(_Model):
     subject: Literal["self"] | list[str] | None = None
     required: list[str] = Field(default_factory=list)
-    rules: dict[str, str]
+    rules: dict[str, Rule]
 
     @field_validator("rules")
     @classmethod
-    def _paths(cls, value: dict[str, str]) -> dict[str, str]:
+    def _paths(cls, value: dict[str, Rule]) -> dict[str, Rule]:
         return _check_paths(value)
 
 
@@ -129,13 +150,13 @@ class _File(_Model):
     version: Literal[1]
     pseudonym: _Pseudonym
     date_shift: _DateShift
-    common: dict[str, str]
+    common: dict[str, Rule]
     extensions: dict[str, Any]
     types: dict[str, _TypeSpec | Literal["drop"]]
 
     @field_validator("common")
     @classmethod
-    def _common_paths(cls, value: dict[str, str]) -> dict[str, str]:
+    def _common_paths(cls, value: dict[str, Rule]) -> dict[str, Rule]:
         return _check_paths(value)
 
 
@@ -154,16 +175,18 @@ def _extension_rule(where: str, spec: Any) -> ExtensionRule:
         raise ConfigurationError(f"{where}: {exc}") from None
     return ExtensionRule(
         False,
-        compile_rules(elements),  # type: ignore[arg-type]
+        compile_rules(elements),
         {url: _extension_rule(f"{where}.extension.{url}", s) for url, s in subs.items()},
     )
 
 
-def _type_rule(name: str, spec: _TypeSpec, common: dict[str, str], where: str) -> TypeRule:
+def _type_rule(name: str, spec: _TypeSpec, common: dict[str, Rule], where: str) -> TypeRule:
     merged: dict[str, Any] = {**common, **spec.rules}
     node = compile_rules(merged)
-    subject = spec.subject if spec.subject in (None, "self") else tuple(spec.subject or ())
-    rule = TypeRule(node, subject, tuple(spec.required))  # type: ignore[arg-type]
+    subject: Literal["self"] | tuple[str, ...] | None = (
+        tuple(spec.subject) if isinstance(spec.subject, list) else spec.subject
+    )
+    rule = TypeRule(node, subject, tuple(spec.required))
     if not rule.subject_bound and "shift" in node.actions():
         raise ConfigurationError(
             f"{where}: types.{name}: `shift` needs a subject (dates move by the subject's offset)"
@@ -171,7 +194,10 @@ def _type_rule(name: str, spec: _TypeSpec, common: dict[str, str], where: str) -
     return rule
 
 
-def load_rules(mappings_dir: Path | None = None) -> DeidRules:
+def load_rules(
+    mappings_dir: Path | None = None, vocabularies: Iterable[str] | None = None
+) -> DeidRules:
+    """The allow-list; ``vocabularies``: the names a ``{keep: NAME}`` rule may use."""
     path = (mappings_dir or default_mappings_dir()) / FILE_NAME
     try:
         raw = path.read_bytes()
@@ -189,17 +215,38 @@ def load_rules(mappings_dir: Path | None = None) -> DeidRules:
         for name, t in spec.types.items()
         if isinstance(t, _TypeSpec)
     }
+    extensions = {
+        url: _extension_rule(f"{path}: extensions.{url}", s) for url, s in spec.extensions.items()
+    }
+    if vocabularies is not None:
+        _check_vocabularies(str(path), types, extensions, set(vocabularies))
     return DeidRules(
         types=types,
         dropped_types=frozenset(n for n, t in spec.types.items() if t == "drop"),
-        extensions={
-            url: _extension_rule(f"{path}: extensions.{url}", s)
-            for url, s in spec.extensions.items()
-        },
+        extensions=extensions,
         hex_length=spec.pseudonym.hex_length,
         max_shift_days=spec.date_shift.max_days,
         digest=hashlib.sha256(raw).hexdigest(),
     )
+
+
+def _check_vocabularies(
+    where: str, types: dict[str, TypeRule], extensions: dict[str, ExtensionRule], known: set[str]
+) -> None:
+    used: set[str] = set()
+    for rule in types.values():
+        used |= rule.rules.vocabularies()
+    pending = list(extensions.values())
+    while pending:
+        ext = pending.pop()
+        used |= ext.elements.vocabularies()
+        pending.extend(ext.extensions.values())
+    unknown = used - known
+    if unknown:
+        raise ConfigurationError(
+            f"{where}: unknown vocabularies {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(sorted(known))})"
+        )
 
 
 __all__ = [

@@ -48,14 +48,23 @@ class Findings:
     guarded: Counter[tuple[str, str]] = field(default_factory=Counter)  # kept strings removed
     unparsable_dates: Counter[tuple[str, str]] = field(default_factory=Counter)
     dangling: Counter[tuple[str, str]] = field(default_factory=Counter)  # references dropped
+    unlisted: Counter[tuple[str, str]] = field(default_factory=Counter)  # not in a vocabulary
     latest: dt.datetime | None = None  # the latest source date seen by `shift`
 
 
 class Scrubber:
     """Applies the allow-list; collects :class:`Findings` across resources."""
 
-    def __init__(self, rules: DeidRules, keys: Keys, identifier_base: str, tz: dt.tzinfo) -> None:
+    def __init__(
+        self,
+        rules: DeidRules,
+        keys: Keys,
+        identifier_base: str,
+        tz: dt.tzinfo,
+        vocabularies: dict[str, frozenset[str]] | None = None,
+    ) -> None:
         self.rules = rules
+        self.vocabularies = vocabularies or {}
         self.keys = keys
         self.prefix = identifier_base.rstrip(":") + ":"
         self.tz = tz
@@ -97,9 +106,13 @@ class _Walk:
             return _DROP
         if isinstance(value, dict):
             return self.mapping(value, rule, action, path)
+        if rule is not None and rule.vocabulary is not None and rule.action:
+            return self.listed(value, rule.vocabulary, path)
         return self.scalar(value, action, path)
 
-    def mapping(self, value: dict[str, Any], rule: RuleNode | None, action: Action, path: str) -> Any:
+    def mapping(
+        self, value: dict[str, Any], rule: RuleNode | None, action: Action, path: str
+    ) -> Any:
         if action == "reference" or (action == "keep" and isinstance(value.get("reference"), str)):
             return self.reference(value, rule, action, path)
         if action == "pseudonymize":
@@ -112,7 +125,9 @@ class _Walk:
                 out[key] = result
         return out or _DROP
 
-    def element(self, key: str, value: Any, rule: RuleNode | None, action: Action, path: str) -> Any:
+    def element(
+        self, key: str, value: Any, rule: RuleNode | None, action: Action, path: str
+    ) -> Any:
         if key.startswith("_"):
             return _DROP  # primitive extensions: not on any list
         effective = rule.action if rule is not None and rule.action else action
@@ -128,6 +143,12 @@ class _Walk:
             return self.s.keys.pseudonym(value)
         if action == "shift" and isinstance(value, str):
             return self.shifted(value, path)
+        return _DROP
+
+    def listed(self, value: Any, vocabulary: str, path: str) -> Any:
+        if value in self.s.vocabularies.get(vocabulary, frozenset()):
+            return value
+        self.s.findings.unlisted[(self.ctx.rtype, path)] += 1
         return _DROP
 
     def guarded(self, value: Any, path: str) -> Any:
@@ -160,7 +181,9 @@ class _Walk:
                 return {"system": system, field_name: self.s.keys.pseudonym(value[field_name])}
         return _DROP
 
-    def reference(self, value: dict[str, Any], rule: RuleNode | None, action: Action, path: str) -> Any:
+    def reference(
+        self, value: dict[str, Any], rule: RuleNode | None, action: Action, path: str
+    ) -> Any:
         raw = value.get("reference")
         resolved = self.ctx.resolve(raw) if isinstance(raw, str) else None
         if resolved is None:
