@@ -18,11 +18,13 @@ import subprocess
 import sys
 import zoneinfo
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fhir_adapter.export import load_rules
 from fhir_adapter.jsonout import dumps
 from tests import export_checks as ec
 
@@ -451,3 +453,31 @@ def test_decimals_pass_through_exactly(
     }
     assert mine == values
     assert any(v.endswith(".0") for v in mine)  # trailing zeros survive
+
+
+def _extensions(node: Any) -> Iterator[dict[str, Any]]:
+    """Every top-level extension (not the sub-extensions of a complex one)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("extension", "modifierExtension") and isinstance(value, list):
+                yield from (v for v in value if isinstance(v, dict))
+                continue
+            yield from _extensions(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _extensions(item)
+
+
+def test_every_extension_the_adapter_emits_has_a_decision(source: list[Resource]) -> None:
+    """Each extension of the mapping's output is listed in mappings/deidentify.yaml (kept with
+    its own rules, or dropped on purpose), sub-extensions included: none is dropped unseen."""
+    rules = load_rules()
+    seen = 0
+    for resource in source:
+        for ext in _extensions(resource):
+            rule = rules.extensions.get(ext["url"])
+            assert rule is not None, f"{resource['resourceType']}: {ext['url']} has no decision"
+            seen += 1
+            for sub in ext.get("extension", []) if not rule.drop else []:
+                assert sub["url"] in rule.extensions, f"{ext['url']}: {sub['url']}"
+    assert seen > 3000
