@@ -89,6 +89,15 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
+    # --- registry queries on Spark (fhir-adapter view/query --engine spark) --------------------
+    spark_master: str = Field(default="local[2]", description="Spark master URL")
+    spark_ivy_dir: Path | None = Field(
+        default=None, description="Cache of Pathling's jars (default: ~/.cache/fhir-adapter/ivy)"
+    )
+    spark_staging_dir: Path | None = Field(
+        default=None, description="Where sources are staged as Bulk NDJSON for Spark (shared)"
+    )
+
     @model_validator(mode="after")
     def _mrn_outside_the_trial(self) -> Settings:
         # the hospital MRN is the hospital's identifier, never one of the trial's (SPEC §6)

@@ -24,10 +24,11 @@ import duckdb
 from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, user_errors
 from fhir_adapter.client import FhirClient
 from fhir_adapter.errors import InputUnreadable
-from fhir_adapter.query.engine import iter_rows, load_rows, run_views, write_table
+from fhir_adapter.query.engine import iter_rows, load_rows, quote, run_views, write_table
 from fhir_adapter.query.registry import load_view, tables_from_views, trial_constants, trial_views
 from fhir_adapter.query.sources import DEFAULT_PAGE_SIZE, NdjsonSource, ServerSource, Source
 from fhir_adapter.query.viewdef import View
+from fhir_adapter.settings import Settings
 
 _ENGINES = click.Choice(["embedded", "spark"])
 
@@ -57,14 +58,18 @@ def _server_source(app: AppContext, url: str, page_size: int, bulk: str) -> Serv
 
 
 def _run(
-    views: Sequence[View], source: Source, engine: str, con: duckdb.DuckDBPyConnection
+    views: Sequence[View],
+    source: Source,
+    engine: str,
+    con: duckdb.DuckDBPyConnection,
+    settings: Settings,
 ) -> None:
     if engine == "embedded":
         run_views(views, source, con)
         return
     from fhir_adapter.query.spark import run_on_spark  # the optional extra, loaded on demand
 
-    results = run_on_spark(views, source)
+    results = run_on_spark(views, source, settings=settings)
     for view in views:
         load_rows(con, view, results[view.name])
 
@@ -118,13 +123,11 @@ def view_command(
         view = load_view(view_json, trial_constants(app.settings))
         _refuse_overwriting_input(out, [*sources, view_json])
         source: Source = (
-            NdjsonSource(sources)
-            if sources
-            else _server_source(app, str(server), page_size, bulk)
+            NdjsonSource(sources) if sources else _server_source(app, str(server), page_size, bulk)
         )
         con = duckdb.connect()
         try:
-            _run([view], source, engine, con)
+            _run([view], source, engine, con, app.settings)
             count = write_table(con, view.name, fmt, out if out is not None else sys.stdout)
         finally:
             con.close()
@@ -168,7 +171,7 @@ def query_command(
         )
         con = duckdb.connect()
         try:
-            _run(views, source, engine, con)
+            _run(views, source, engine, con, app.settings)
             tables = tables_from_views(con, [v.name for v in views], app.settings)
             _write_all(con, tables.views, tables.queries, out)
         finally:
@@ -196,7 +199,7 @@ def _write_all(
 def markdown_table(con: duckdb.DuckDBPyConnection, table: str) -> str:
     """A registry table as a GitHub-flavoured Markdown table (a title line, then the table)."""
     rows = list(iter_rows(con, table))
-    names = [d[0] for d in con.execute(f'SELECT * FROM "{table}" LIMIT 0').description or []]
+    names = [str(r[0]) for r in con.execute(f"DESCRIBE {quote(table)}").fetchall()]
     lines = [f"# {table}", "", "| " + " | ".join(names) + " |"]
     lines.append("|" + "|".join("---" for _ in names) + "|")
     for row in rows:

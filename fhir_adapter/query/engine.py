@@ -86,13 +86,11 @@ def _kinds(value: Any) -> set[str]:
 
 
 def _jsonable(row: Row) -> Row:
-    """Decimals as strings (DuckDB casts them exactly), complex values as JSON text."""
+    """Decimals as strings (DuckDB casts them exactly); complex values stay JSON objects."""
 
     def convert(value: Any) -> Any:
         if isinstance(value, Decimal):
             return format(value, "f")
-        if isinstance(value, dict):
-            return dumpb(value).decode()
         if isinstance(value, list):
             return [convert(v) for v in value]
         return value
@@ -180,8 +178,8 @@ def _load(con: duckdb.DuckDBPyConnection, sink: _Sink, path: Path) -> None:
     staged = "{" + ", ".join(f"'{n}': '{_staged_type(t)}'" for n, t in types.items()) + "}"
     select = ", ".join(f"CAST({quote(n)} AS {t})" for n, t in types.items())
     con.execute(
-        f"INSERT INTO {table} SELECT {select} FROM read_json(?, format = 'newline_delimited', "
-        f"columns = {staged}, maximum_object_size = 67108864)",
+        f"INSERT INTO {table} SELECT {select} FROM read_json(?, "  # noqa: S608 - our own names
+        f"format = 'newline_delimited', columns = {staged}, maximum_object_size = 67108864)",
         [str(path)],
     )
 
@@ -220,9 +218,7 @@ def iter_rows(con: duckdb.DuckDBPyConnection, table: str) -> Iterator[Row]:
         if not batch:
             return
         for values in batch:
-            yield {
-                n: _python(v, n in json_cols) for n, v in zip(names, values, strict=True)
-            }
+            yield {n: _python(v, n in json_cols) for n, v in zip(names, values, strict=True)}
 
 
 def _python(value: Any, is_json: bool) -> Any:
@@ -268,8 +264,8 @@ def write_table(
     select = _export_select(con, table, fmt)
     options = "FORMAT PARQUET" if fmt == "parquet" else "HEADER, DELIMITER ','"
     con.execute(f"COPY ({select}) TO '{_sql_string(str(out))}' ({options})")
-    row = con.execute(f"SELECT count(*) FROM {quote(table)}").fetchone()  # noqa: S608
-    return int(row[0]) if row else 0
+    counted = con.execute(f"SELECT count(*) FROM {quote(table)}").fetchone()  # noqa: S608
+    return int(counted[0]) if counted else 0
 
 
 def _export_select(con: duckdb.DuckDBPyConnection, table: str, fmt: str) -> str:

@@ -17,12 +17,31 @@ from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Any
 
-from fhirpathpy.engine import do_eval
+from fhirpathpy.engine import do_eval as _do_eval
 from fhirpathpy.engine.invocations import invocation_registry
 from fhirpathpy.engine.nodes import FP_Type, ResourceNode, TypeInfo
-from fhirpathpy.engine.util import arraify, get_data
+from fhirpathpy.engine.util import arraify as _arraify
+from fhirpathpy.engine.util import get_data as _get_data
 from fhirpathpy.models import models
-from fhirpathpy.parser import parse
+from fhirpathpy.parser import parse as _parse
+
+
+# fhirpathpy's engine functions carry no annotations: typed once here
+def get_data(value: Any) -> Any:
+    return _get_data(value)  # type: ignore[no-untyped-call]
+
+
+def arraify(value: Any) -> list[Any]:
+    return list(_arraify(value))  # type: ignore[no-untyped-call]
+
+
+def do_eval(ctx: dict[str, Any], data: Any, node: Any) -> Any:
+    return _do_eval(ctx, data, node)  # type: ignore[no-untyped-call]
+
+
+def parse(text: str) -> dict[str, Any]:
+    return dict(_parse(text))  # type: ignore[no-untyped-call]
+
 
 #: environment variables every expression may use besides the view's constants
 BUILTIN_VARIABLES = frozenset(
@@ -144,7 +163,8 @@ def _boundary(item: Any, high: bool, precision: int | None) -> Any:
         return None
     time = _TIME.match(data) if path in (None, "time") and "-" not in data else None
     if time is not None:
-        return _clock(*time.groups(), high)
+        hour, minute, second, fraction = time.groups()
+        return _clock(hour, minute, second, fraction, high)
     with_time = path in ("dateTime", "instant") or (path is None and "T" in data)
     return _date_boundary(data.rstrip("T"), high, with_time)
 
@@ -207,16 +227,16 @@ class Expression:
     def nodes(self, data: Any, variables: Mapping[str, Any]) -> list[Any]:
         """The result with its FHIR type information kept (for forEach foci)."""
         root = arraify(data)
-        resource = variables.get("resource")
+        env: dict[str, Any] = {"context": data, "ucum": "http://unitsofmeasure.org", **variables}
+        if variables.get("resource") is not None:
+            env.setdefault("rootResource", variables["resource"])
         ctx = {
             "dataRoot": root,
-            "$this": root,
-            "vars": {"context": data, "ucum": "http://unitsofmeasure.org", **variables},
+            "$this": root,  # $this at the start of a path is the input (fhirpathpy has none)
+            "vars": env,
             "model": self.model,
             "userInvocationTable": FUNCTIONS,
         }
-        if resource is not None:
-            ctx["vars"].setdefault("rootResource", resource)
         try:
             result = do_eval(ctx, root, self.tree["children"][0])
         except FhirPathError:

@@ -46,7 +46,9 @@ def trial_constants(settings: Settings) -> dict[str, str]:
     try:
         url = yaml.safe_load(codesystem.read_text(encoding="utf-8"))["url"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
-        raise ConfigurationError(f"{codesystem}: no code system url ({exc.__class__.__name__})")
+        raise ConfigurationError(
+            f"{codesystem}: no code system url ({exc.__class__.__name__})"
+        ) from None
     return {"idbase": settings.identifier_base, "codes": str(url)}
 
 
@@ -57,7 +59,9 @@ def load_view(path: Path, constants: Mapping[str, Any] | None = None) -> View:
     except OSError as exc:
         raise InputUnreadable(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ViewDefinitionError(f"{path}: not a JSON document ({exc.__class__.__name__})") from None
+        raise ViewDefinitionError(
+            f"{path}: not a JSON document ({exc.__class__.__name__})"
+        ) from None
     declared = _declared_constants(definition)
     given = {k: v for k, v in (constants or {}).items() if k in declared}
     return compile_view(definition, given)
@@ -111,9 +115,7 @@ class RegistryTables:
 
 def add_trial_tables(con: duckdb.DuckDBPyConnection, trial: Trial) -> None:
     """``arms`` (arm, arm_name, arm_order) and ``visits_of_study`` (visit, visit_code, ...)."""
-    con.execute(
-        "CREATE OR REPLACE TABLE arms (arm VARCHAR, arm_name VARCHAR, arm_order INTEGER)"
-    )
+    con.execute("CREATE OR REPLACE TABLE arms (arm VARCHAR, arm_name VARCHAR, arm_order INTEGER)")
     con.executemany(
         "INSERT INTO arms VALUES (?, ?, ?)",
         [(a.id, a.name, i) for i, a in enumerate(trial.arms)],

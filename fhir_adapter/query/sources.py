@@ -25,11 +25,13 @@ import orjson
 
 from fhir_adapter.client import FhirClient, retry_after_seconds
 from fhir_adapter.errors import AdapterError, ExitCode, InputUnreadable, ServerRejected
+from fhir_adapter.query.fhirpath import model_for, resource_types
 
 log = logging.getLogger(__name__)
 Resource = dict[str, Any]
 
 DEFAULT_PAGE_SIZE = 200
+_RESOURCE_TYPES = resource_types(model_for(None))
 _MAX_PAGES = 1_000_000
 
 
@@ -90,9 +92,7 @@ def _named_for_other_type(path: Path, wanted: frozenset[str]) -> bool:
 
 
 def _looks_bulk(stem: str) -> bool:
-    from fhir_adapter.query.fhirpath import model_for, resource_types
-
-    return stem in resource_types(model_for(None))
+    return stem in _RESOURCE_TYPES
 
 
 def _read_ndjson(path: Path, wanted: frozenset[str] | None) -> Iterator[Resource]:
@@ -171,9 +171,12 @@ class ServerSource:
             for entry in bundle.get("entry", []) or []:
                 resource = entry.get("resource")
                 mode = (entry.get("search") or {}).get("mode", "match")
-                if isinstance(resource, dict) and mode == "match":
-                    if resource.get("resourceType") == rtype:
-                        yield resource
+                if (
+                    isinstance(resource, dict)
+                    and mode == "match"
+                    and resource.get("resourceType") == rtype
+                ):
+                    yield resource
             next_url = self._next_link(bundle, rtype, seen)
             if next_url is None:
                 return
@@ -184,7 +187,7 @@ class ServerSource:
         links = [lk for lk in bundle.get("link", []) or [] if lk.get("relation") == "next"]
         if not links or not isinstance(links[0].get("url"), str):
             return None
-        url = urljoin(self.client.base_url + "/", links[0]["url"])
+        url = urljoin(self.client.base_url + "/", str(links[0]["url"]))
         if not same_origin(url, self.client.base_url):
             raise ServerAnswerError(
                 f"{rtype} search: the server's next link leads to another origin "

@@ -38,6 +38,7 @@ from fhir_adapter.jsonout import dumps
 from fhir_adapter.query.engine import fhir_type
 from fhir_adapter.query.sources import NdjsonSource, Source
 from fhir_adapter.query.viewdef import Row, View
+from fhir_adapter.settings import Settings
 
 SYSTEM_TRUST_STORE = Path("/etc/ssl/certs/java/cacerts")
 _DROPPED_OPTION = "--add-modules=jdk.incubator.vector"
@@ -101,19 +102,19 @@ def _pathling_version() -> str:
 class SparkEngine:
     """One Spark session with Pathling; runs ViewDefinitions over NDJSON."""
 
-    def __init__(self, master: str | None = None, ivy_dir: Path | None = None) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
+        settings = settings or Settings()
+        self.staging = settings.spark_staging_dir
         version = _pathling_version()
         os.environ["JAVA_HOME"] = str(java_home())
         try:
-            from pathling import PathlingContext
+            from pathling import PathlingContext  # type: ignore[import-untyped]
             from pyspark.sql import SparkSession
         except ImportError:
             raise SparkUnavailable("pyspark or pathling cannot be imported") from None
-        ivy = ivy_dir or Path(os.environ.get("FHIR_ADAPTER_SPARK_IVY_DIR", cache_dir() / "ivy"))
+        ivy = settings.spark_ivy_dir or cache_dir() / "ivy"
         builder = (
-            SparkSession.builder.master(
-                master or os.environ.get("FHIR_ADAPTER_SPARK_MASTER", "local[2]")
-            )
+            SparkSession.builder.master(settings.spark_master)
             .appName("fhir-adapter")
             .config("spark.jars.packages", f"au.csiro.pathling:library-runtime:{version}")
             .config("spark.jars.ivy", str(ivy))
@@ -166,13 +167,19 @@ def _row(view: View, raw: dict[str, Any]) -> Row:
 
 
 @contextmanager
-def bulk_layout(source: Source, types: Sequence[str], staging: Path | None = None) -> Iterator[Path]:
+def bulk_layout(
+    source: Source, types: Sequence[str], staging: Path | None = None
+) -> Iterator[Path]:
     """The source as a Bulk Data NDJSON directory (``<Type>.ndjson``), staged when needed."""
-    if isinstance(source, NdjsonSource) and all(_bulk_file(f) for f in source.files):
-        if len(source.paths) == 1 and source.paths[0].is_dir():
-            yield source.paths[0]
-            return
-    root = staging or Path(os.environ.get("FHIR_ADAPTER_SPARK_STAGING_DIR", tempfile.gettempdir()))
+    if (
+        isinstance(source, NdjsonSource)
+        and all(_bulk_file(f) for f in source.files)
+        and len(source.paths) == 1
+        and source.paths[0].is_dir()
+    ):
+        yield source.paths[0]
+        return
+    root = staging or Path(tempfile.gettempdir())
     root.mkdir(parents=True, exist_ok=True)
     target = Path(tempfile.mkdtemp(prefix="fhir-adapter-bulk-", dir=root))
     handles: dict[str, Any] = {}
@@ -197,13 +204,17 @@ def _bulk_file(path: Path) -> bool:
 
 
 def run_on_spark(
-    views: Sequence[View], source: Source, engine: SparkEngine | None = None
+    views: Sequence[View],
+    source: Source,
+    engine: SparkEngine | None = None,
+    settings: Settings | None = None,
 ) -> dict[str, list[Row]]:
-    """Every view over a source on Pathling (a new local session unless ``engine`` is given)."""
+    """Every view over a source on Pathling (a new session unless ``engine`` is given)."""
     own = engine is None
-    spark = engine or SparkEngine()
+    spark = engine or SparkEngine(settings)
     try:
-        with bulk_layout(source, sorted({v.resource for v in views})) as directory:
+        types = sorted({v.resource for v in views})
+        with bulk_layout(source, types, spark.staging) as directory:
             return spark.run(views, directory)
     finally:
         if own:

@@ -125,7 +125,9 @@ class View:
             yield from self.rows(resource)
 
 
-def _holds(condition: Expression, resource: Mapping[str, Any], variables: Mapping[str, Any]) -> bool:
+def _holds(
+    condition: Expression, resource: Mapping[str, Any], variables: Mapping[str, Any]
+) -> bool:
     result = _evaluate(condition, resource, variables)
     if not result:
         return False
@@ -214,7 +216,7 @@ def compile_view(definition: Any, constants: Mapping[str, Any] | None = None) ->
     Settings); a name the view does not declare is an error.
     """
     if not isinstance(definition, Mapping):
-        raise ViewDefinitionError("a ViewDefinition must be a JSON object")
+        raise ViewDefinitionError("invalid ViewDefinition: a ViewDefinition must be a JSON object")
     label = _label(definition)
     try:
         return _compile(definition, dict(constants or {}))

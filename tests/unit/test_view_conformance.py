@@ -43,7 +43,9 @@ def _normal(value: Any) -> Any:
 
 
 def _multiset(rows: list[dict[str, Any]]) -> list[str]:
-    return sorted(json.dumps({k: _normal(v) for k, v in row.items()}, sort_keys=True) for row in rows)
+    return sorted(
+        json.dumps({k: _normal(v) for k, v in row.items()}, sort_keys=True) for row in rows
+    )
 
 
 def test_the_whole_suite_is_vendored() -> None:
