@@ -18,6 +18,8 @@ def trial_vocabularies(trial: Trial, terminology: Terminology) -> dict[str, froz
         "ae_terms": frozenset(terminology.ae_term(t.value).display for t in AeTerm),
         # ResearchSubject.assignedArm / actualArm carry ResearchStudy.arm.name
         "arm_names": frozenset(arm.name for arm in trial.arms),
+        # AdverseEvent.suspectEntity.instance.display: the study interventions' names
+        "intervention_names": frozenset(i.name for i in trial.interventions),
         # the investigator's causality words of adverse_events.csv, as written in FHIR
         "causality_words": frozenset(
             word for c in Causality for word in (c.value, c.value.replace("_", " "))

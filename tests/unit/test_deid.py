@@ -97,6 +97,7 @@ def test_packaged_rules_load(trial: Trial) -> None:
     assert not rules.types["Practitioner"].subject_bound
     assert "Erythema" in vocabularies["ae_terms"]
     assert "possibly related" in vocabularies["causality_words"]
+    assert "1565 nm non-ablative fractional laser" in vocabularies["intervention_names"]
 
 
 def _mappings_with(tmp_path: Path, text: str) -> Path:
