@@ -9,6 +9,7 @@ subject's dates by the same offset. It holds a few strings per resource, never t
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from fhir_adapter.export.rules import DeidRules, TypeRule
 Key = tuple[str, str]  # (resourceType, source id)
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     identity: str  # the business key
     subject_refs: tuple[Key, ...]
@@ -28,6 +29,7 @@ class Entry:
     exported: bool = True
     problem: str | None = None  # why it is withheld (no personal data)
     subject: str | None = None  # the subject's business key
+    written: bool = False  # set by the second pass: a resource twice in the source goes once
 
 
 def values_at(node: Any, path: list[str]) -> Iterator[Any]:
@@ -108,7 +110,7 @@ class ResourceIndex:
         if identity is None or not isinstance(sid, str):
             self.outside_trial[rtype] += 1
             return
-        key = (rtype, sid)
+        key = (sys.intern(rtype), sid)
         if key in self.entries:
             return  # the same resource twice in the source: exported once
         subject_paths = rule.subject if isinstance(rule.subject, tuple) else ()

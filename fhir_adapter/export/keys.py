@@ -56,18 +56,12 @@ class Keys:
         self._key = key
         self.hex_length = hex_length
         self.max_shift_days = max_shift_days
-        self._cache: dict[str, str] = {}
 
     def _digest(self, domain: bytes, value: str) -> bytes:
         return hmac.new(self._key, domain + value.encode(), hashlib.sha256).digest()
 
     def pseudonym(self, value: str) -> str:
-        found = self._cache.get(value)
-        if found is None:
-            found = self._digest(_PSEUDONYM, value).hex()[: self.hex_length]
-            if len(self._cache) < 1_000_000:
-                self._cache[value] = found
-        return found
+        return self._digest(_PSEUDONYM, value).hex()[: self.hex_length]
 
     def shift_days(self, subject: str) -> int:
         """Days every date of ``subject`` moves back: 1 .. max_shift_days (never 0)."""

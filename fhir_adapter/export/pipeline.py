@@ -109,9 +109,8 @@ class Exporter:
         for resource in source():
             self.index.add(resource)
         self.index.finish()
-        done: set[tuple[str, str]] = set()
         for resource in source():
-            self._one(resource, writer, done)
+            self._one(resource, writer)
             if self.on_resource is not None:
                 self.on_resource()
         self._report_findings(writer)
@@ -129,13 +128,13 @@ class Exporter:
             not_exported=self.index.not_exported,
         )
 
-    def _one(self, resource: Resource, writer: BulkWriter, done: set[tuple[str, str]]) -> None:
+    def _one(self, resource: Resource, writer: BulkWriter) -> None:
         rtype, sid = str(resource.get("resourceType", "")), resource.get("id")
         key = (rtype, sid) if isinstance(sid, str) else None
         entry = self.index.entries.get(key) if key else None
-        if key is None or entry is None or key in done:
+        if key is None or entry is None or entry.written:
             return
-        done.add(key)
+        entry.written = True
         new_id = self.keys.pseudonym(entry.identity)
         if entry.problem is not None:
             self._withhold(writer, rtype, new_id, entry.problem, "processing")
