@@ -82,8 +82,9 @@ def test_every_scheme_over_http_and_no_personal_value_in_logs(
     good = participant("S001", mrn=SENTINEL_MRN)
     good["withdrawal_reason"] = SENTINEL_TEXT
     body = body_of(good)
+    signed = hmac_headers(body)  # sent twice: the second time is a replay
     answers = {
-        "hmac": requests.post(url, data=body, headers={**JSON, **hmac_headers(body)}, timeout=30),
+        "hmac": requests.post(url, data=body, headers={**JSON, **signed}, timeout=30),
         "standard": requests.post(url, data=body, headers={**JSON, **standard_headers(body)},
                                   timeout=30),
         "bearer": requests.post(url, data=body, headers={**JSON, **bearer_headers()}, timeout=30),
@@ -101,9 +102,7 @@ def test_every_scheme_over_http_and_no_personal_value_in_logs(
     bad = body_of(participant("S002", mrn=SENTINEL_MRN, sex=SENTINEL_TEXT))
     refused.append(requests.post(url, data=bad, headers={**JSON, **bearer_headers()}, timeout=30))
     refused.append(requests.post(url, data=bad, headers=JSON, timeout=30))
-    refused.append(
-        requests.post(url, data=body, headers={**JSON, **hmac_headers(body)}, timeout=30)
-    )
+    refused.append(requests.post(url, data=body, headers={**JSON, **signed}, timeout=30))
     refused.append(
         requests.post(
             url,
