@@ -210,17 +210,11 @@ def test_outcomes_per_arm_and_visit_match_scoring(synced: Synced, expected: Expe
 def test_ae_incidence_per_arm_and_term_matches_scoring(synced: Synced, expected: Expected) -> None:
     terminology = Terminology(expected.trial)
     want: dict[tuple[str, str], dict[str, str]] = {}
-    others = [e for e in expected.events if e.term.value == "other"]
-    coded = [e for e in expected.events if e.term.value != "other"]
-    summaries = [(r, terminology.ae_term(r.term).display) for r in
-                 summarize_adverse_events(expected.participants, coded)]  # fmt: skip
-    for text in {e.term_text for e in others}:  # 'other' carries its own text (no code)
-        subset = [e for e in others if e.term_text == text]
-        summaries += [(r, str(text)) for r in
-                      summarize_adverse_events(expected.participants, subset)]  # fmt: skip
-    for row, term in summaries:
+    # every event carries its SPEC §3 term in the trial code system ('other' included)
+    for row in summarize_adverse_events(expected.participants, expected.events):
         incidence = row.incidence_pct
-        want[(row.arm, term)] = {
+        want[(row.arm, row.term)] = {
+            "term_display": terminology.ae_term(row.term).display,
             "events": str(row.events),
             "participants": str(row.participants),
             "participants_in_arm": str(row.participants_in_arm),
