@@ -10,7 +10,7 @@ DEMO_DIR ?= demo-output
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,spark]'
+	$(BIN)/python -m pip install --quiet -e '.[test,demo,spark]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -16,10 +16,10 @@ class ExitCode(IntEnum):
     """Process exit codes (sysexits.h numbering)."""
 
     OK = 0
-    USAGE = 2  # a usage error, as click reports it (e.g. an output path that cannot be used)
+    USAGE = 2  # a wrong option or argument, an unusable output path (as click reports it)
     DATA_ERROR = 65  # some rows or records rejected; the valid ones were still processed
-    INPUT_UNREADABLE = 66  # a file could not be read at all (missing, not UTF-8, missing columns)
-    SERVER_UNAVAILABLE = 69  # the FHIR server could not be reached
+    INPUT_UNREADABLE = 66  # a file or the configuration cannot be used (missing, not UTF-8, …)
+    SERVER_UNAVAILABLE = 69  # the FHIR server could not be reached, or records are undelivered
     INTERNAL = 70  # a bug: please report it
 
 
@@ -30,7 +30,9 @@ class AdapterError(Exception):
 
 
 class ConfigurationError(AdapterError):
-    """A setting or a mapping file (mappings/*.yaml) is invalid."""
+    """A setting, an option's value or a mapping file (mappings/*.yaml) is invalid or incomplete:
+    an invalid URL, an auth method without its secret, an unusable key, an outbox path that
+    cannot be opened, a server of another FHIR version."""
 
     exit_code = ExitCode.INPUT_UNREADABLE
 
@@ -66,20 +68,32 @@ class ServerError(AdapterError):
         outcome: Any = None,
         issues: Sequence[str] = (),
         retry_after: float | None = None,
+        full_message: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.outcome = outcome  # the server's OperationOutcome, if any
         self.issues = list(issues)
         self.retry_after = retry_after
+        # with the server's diagnostics: kept with a dead letter, never logged or printed
+        self.full_message = full_message or message
 
 
 class ServerRejected(ServerError):
-    """4xx (other than the retryable/auth/conflict ones) and 500: the server refused the content."""
+    """4xx (other than the retryable, auth and conflict ones) and 501: the server refused the
+    request; nothing was applied. Carries the OperationOutcome."""
 
 
 class ServerUnavailable(ServerError):
-    """408, 429, 502, 503, 504, timeouts, connection errors: retryable."""
+    """Not applied, retryable: connection refused, a connect timeout, 408, 429, 503."""
+
+    exit_code = ExitCode.SERVER_UNAVAILABLE
+
+
+class OutcomeUncertain(ServerError):
+    """Maybe applied: 500, 502, 504, a timeout or a dropped connection after the request was
+    sent, a 2xx whose body is not the expected answer. A write is resolved by looking it up on
+    the server before anything is sent again; a read is simply retried."""
 
     exit_code = ExitCode.SERVER_UNAVAILABLE
 
@@ -89,6 +103,12 @@ class Conflict(ServerError):
 
 
 class AuthError(ServerError):
-    """401 / 403 after any token refresh."""
+    """401 / 403 after any token refresh, or a token endpoint that refuses or cannot be reached."""
+
+    exit_code = ExitCode.SERVER_UNAVAILABLE
+
+
+class OutboxBusy(AdapterError):
+    """Another writer (a sync, a delivery worker) held the outbox longer than the lock timeout."""
 
     exit_code = ExitCode.SERVER_UNAVAILABLE

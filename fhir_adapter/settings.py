@@ -8,6 +8,7 @@ logged or printed.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from decimal import Decimal
@@ -57,6 +58,20 @@ class Settings(BaseSettings):
     bundle_size: int = Field(default=100, ge=1, le=5000)
     identity_strategy: Literal["auto", "identifier", "tag", "client-id"] = Field(
         default="auto", description="How resources are matched on the server (auto: from /metadata)"
+    )
+    atomic_transactions: bool = Field(
+        default=False,
+        description="The server applies a transaction Bundle all or nothing: entries may then "
+        "refer to each other inside a Bundle (urn:uuid); otherwise they go in dependency layers",
+    )
+    lock_timeout_s: float = Field(
+        default=300.0, ge=0, description="How long a second writer waits for the outbox lock"
+    )
+    max_removal_share: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="Share of a file's records one sync may remove without --allow-removals",
     )
 
     # --- identity ----------------------------------------------------------------------------
@@ -117,6 +132,41 @@ class Settings(BaseSettings):
     spark_staging_dir: Path | None = Field(
         default=None, description="Where sources are staged as Bulk NDJSON for Spark (shared)"
     )
+
+    # --- webhook server and delivery worker (SPEC §8; appended) ------------------------------
+    webhook_standard_secret: SecretStr | None = Field(
+        default=None, description="Standard Webhooks secret (whsec_<base64>)"
+    )
+    webhook_bind: str = Field(default="127.0.0.1:8080", description="HOST:PORT of `serve`")
+    webhook_workers: int = Field(default=2, ge=1, le=64, description="WSGI worker processes")
+    webhook_threads: int = Field(default=4, ge=1, le=256, description="Threads per worker")
+    webhook_timeout_s: float = Field(default=30.0, gt=0, description="WSGI worker timeout")
+    webhook_signature_tolerance_s: int = Field(
+        default=300, ge=1, le=3600, description="Accepted clock skew of signed requests"
+    )
+    webhook_target: Literal["registry", "hospital"] = Field(
+        default="registry", description="Mapping target of records pushed to the webhook"
+    )
+    delivery_interval_s: float = Field(
+        default=0.5, gt=0, le=60, description="How often the delivery worker looks for work"
+    )
+    delivery_retry_s: float = Field(
+        default=5.0, gt=0, le=3600, description="Pause after the FHIR server was unreachable"
+    )
+
+    @model_validator(mode="after")
+    def _standard_secret_format(self) -> Settings:
+        secret = self.webhook_standard_secret
+        if secret is not None:
+            value = secret.get_secret_value().removeprefix("whsec_")
+            well_formed = secret.get_secret_value().startswith("whsec_") and bool(
+                re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", value)
+            )
+            if not well_formed or len(base64.b64decode(value + "==")) < 16:
+                raise ValueError(
+                    "webhook_standard_secret must be whsec_ followed by base64 of >= 16 bytes"
+                )
+        return self
 
     @model_validator(mode="after")
     def _mrn_outside_the_trial(self) -> Settings:

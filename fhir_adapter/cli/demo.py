@@ -48,6 +48,9 @@ def demo(app: AppContext, out: Path, seed: int, n_participants: int) -> None:
     from fhir_adapter.generate import generate
 
     with user_errors():
+        from fhir_adapter.testserver import node_bin
+
+        node_bin()  # the local FHIR server needs Node: say so before any work is done
         data = out / "data"
         summary = generate(
             data,

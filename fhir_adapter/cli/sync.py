@@ -10,21 +10,37 @@ import click
 
 from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, user_errors
 from fhir_adapter.cli.fhir import mapping_context
-from fhir_adapter.client import FhirClient
-from fhir_adapter.errors import ExitCode
+from fhir_adapter.client import FhirClient, check_base_url
+from fhir_adapter.errors import ConfigurationError, ExitCode
 from fhir_adapter.intake import Intake, site_today
 from fhir_adapter.jsonout import dumps
 from fhir_adapter.mapping.context import FhirVersion, Target
 from fhir_adapter.settings import Settings
-from fhir_adapter.sync import sync_directory
-from fhir_adapter.sync.engine import Sender
+from fhir_adapter.sync import SyncResult, source_label, sync_directory
+from fhir_adapter.sync.engine import Sender, SendSummary
 from fhir_adapter.sync.outbox import Outbox
 from fhir_adapter.sync.reconcile import reconcile
 
 
+def _server_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--server must be an absolute http(s) URL: a usage error (exit 2) otherwise."""
+    if value is None:
+        return None
+    try:
+        check_base_url(value, "--server")
+    except ConfigurationError:
+        raise click.BadParameter(
+            f"{value!r} is not an http(s) URL (e.g. http://127.0.0.1:8103/fhir/R4)"
+        ) from None
+    return value
+
+
 def _server_options(f: Any) -> Any:
     f = click.option(
-        "--server", default=None, help="FHIR base URL (default: FHIR_ADAPTER_FHIR_BASE_URL)."
+        "--server",
+        default=None,
+        callback=_server_url,
+        help="FHIR base URL (default: FHIR_ADAPTER_FHIR_BASE_URL).",
     )(f)
     f = click.option(
         "--outbox",
@@ -97,6 +113,12 @@ def _progress_bar() -> Any:
 )
 @click.option("--bundle-size", type=click.IntRange(1, 5000), default=None)
 @click.option("--dry-run", is_flag=True, help="Show what would be sent; change nothing.")
+@click.option(
+    "--allow-removals",
+    is_flag=True,
+    help="Stage the removals of a file even when it would remove more than "
+    "FHIR_ADAPTER_MAX_REMOVAL_SHARE of its records (or all of them).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @pass_app
 def sync(
@@ -109,14 +131,18 @@ def sync(
     target: Target,
     bundle_size: int | None,
     dry_run: bool,
+    allow_removals: bool,
     as_json: bool,
 ) -> None:
     """Bring a FHIR server in step with a directory of source files, exactly once in effect.
 
     Only new or changed resources are sent; a second run of unchanged data sends nothing.
     Each file present is the complete set for its kind: records removed from it become
-    entered-in-error (Observation, Encounter, Consent) or are deleted. Exit 0 all landed or
-    unchanged, 65 rows rejected or resources dead-lettered, 69 server unavailable.
+    entered-in-error (Observation, Encounter, Consent) or are deleted — but a file that would
+    remove more than FHIR_ADAPTER_MAX_REMOVAL_SHARE of its records removes none without
+    --allow-removals. Exit 0 all landed or unchanged; 65 rows rejected, records dead-lettered
+    or held back, or removals refused; 66 unreadable input or configuration; 69 records still
+    undelivered (server unavailable, answers uncertain) or the outbox busy.
     """
     settings = _settings(app, server, auth, outbox, fhir_version)
     if bundle_size:
@@ -137,6 +163,7 @@ def sync(
                     bundle_size=settings.bundle_size,
                     identity=settings.identity_strategy,
                     dry_run=dry_run,
+                    allow_removals=allow_removals,
                     threshold=app.threshold(None),
                     on_progress=bar.update if bar is not None else None,
                 )
@@ -157,18 +184,62 @@ def sync(
                         click.echo(f"would send {k}: {v}")
                     continue
                 click.echo(f"{key}: {value if not isinstance(value, list) else len(value)}")
+    sys.exit(int(_sync_status(result, settings.max_removal_share)))
+
+
+def _sync_status(result: SyncResult, share: float) -> ExitCode:
+    """Say on stderr what is not done, and the exit status: 66 unreadable, 65 refused or held
+    back (also when some records are additionally undelivered), 69 undelivered, 0 done."""
+    for refused in result.refused_removals:
+        why = (
+            "all of them: the file yields none"
+            if refused.would_remove >= refused.held
+            else f"more than {share:.0%}"
+        )
+        echo_err(
+            f"error: {source_label(refused.source)} would remove {refused.would_remove} of the "
+            f"{refused.held} records the outbox holds from it ({why}): none of its removals "
+            "were staged, everything else was synced; check the file, or run again with "
+            "--allow-removals"
+        )
+    status = ExitCode.OK
+    send = result.send
+    if send is not None:
+        status = _send_status(send)
+    if result.rejected_rows or result.refused_removals:
+        status = ExitCode.DATA_ERROR
     if result.unreadable:
-        sys.exit(int(ExitCode.INPUT_UNREADABLE))
-    failed = result.rejected_rows or (
-        result.send and (result.send.dead_lettered or result.send.blocked)
-    )
-    if failed:
-        sys.exit(int(ExitCode.DATA_ERROR))
+        status = ExitCode.INPUT_UNREADABLE
+    return status
+
+
+def _send_status(send: SendSummary) -> ExitCode:
+    if send.blocked:
+        echo_err(
+            f"{send.blocked} records held back: they refer to records the server refused; they "
+            "are sent once those land (`fhir-adapter dead-letters list`)"
+        )
+    if send.dead_letters:
+        echo_err(
+            f"{send.dead_letters} records refused by the server (dead letters): "
+            "`fhir-adapter dead-letters list` shows why; correct the source and sync again, "
+            "`dead-letters retry`, or acknowledge one with `dead-letters drop ID`"
+        )
+    if send.undelivered:
+        echo_err(
+            f"error: {send.undelivered} records not delivered yet: {send.undelivered_reason}; "
+            "nothing is lost: run sync again when the server answers"
+        )
+    if send.blocked or send.dead_letters:
+        return ExitCode.DATA_ERROR
+    if send.undelivered:
+        return ExitCode.SERVER_UNAVAILABLE
+    return ExitCode.OK
 
 
 @cli.command("reconcile")
 @_server_options
-@click.option("--repair", is_flag=True, help="Re-send what is missing or differs.")
+@click.option("--repair", is_flag=True, help="Re-send what is missing, differs or dangles.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def reconcile_command(
@@ -180,22 +251,36 @@ def reconcile_command(
     repair: bool,
     as_json: bool,
 ) -> None:
-    """Compare the outbox with what the server holds: missing, extra, differing resources."""
+    """Compare the outbox with what the server holds: missing, extra, differing, duplicated
+    resources and dangling references. Exit 65 when something is found (without --repair)."""
     settings = _settings(app, server, auth, outbox, fhir_version)
-    with user_errors(), Outbox(settings.outbox_path) as box, FhirClient(settings) as client:
-        report = reconcile(_sender(settings, box, client), box, repair=repair)
+    with user_errors():
+        _require_outbox(settings.outbox_path)
+        with Outbox(settings.outbox_path) as box, FhirClient(settings) as client:
+            if repair:
+                with box.writer_lock(settings.lock_timeout_s):
+                    report = reconcile(_sender(settings, box, client), box, repair=True)
+            else:
+                report = reconcile(_sender(settings, box, client), box)
         if as_json:
             click.echo(dumps(report.as_dict()))
         else:
-            for kind in ("missing", "extra", "differing", "duplicated"):
+            for kind in ("missing", "extra", "differing", "duplicated", "dangling"):
                 items = getattr(report, kind)
                 click.echo(f"{kind}: {len(items)}")
                 for item in items[:50]:
                     click.echo(f"  {item}")
             if repair:
                 click.echo(f"repaired: {report.repaired}")
+    if report.send is not None:
+        sys.exit(int(_send_status(report.send)))
     if not report.clean and not repair:
         sys.exit(int(ExitCode.DATA_ERROR))
+
+
+def _require_outbox(path: Path) -> None:
+    if not path.exists():
+        raise ConfigurationError(f"no outbox at {path} (set --outbox or FHIR_ADAPTER_OUTBOX_PATH)")
 
 
 @cli.group()
@@ -235,8 +320,13 @@ def dead_letters() -> None:
 @click.option("--outbox", "path", type=click.Path(path_type=Path), default=None)
 @pass_app
 def dead_letters_list(app: AppContext, path: Path | None) -> None:
-    """One JSON line per dead letter: type, key, HTTP status, message, OperationOutcome."""
-    with user_errors(), Outbox(path or app.settings.outbox_path) as box:
+    """One JSON line per dead letter: id, type, key, refused operation, HTTP status, message,
+    the server's OperationOutcome."""
+    target = path or app.settings.outbox_path
+    if not target.exists():  # read-only: never create an outbox
+        echo_err(f"no outbox at {target}")
+        return
+    with user_errors(), Outbox(target) as box:
         for letter in box.dead_letters():
             click.echo(dumps(letter))
 
@@ -251,14 +341,48 @@ def dead_letters_retry(
     fhir_version: str | None,
     auth: str | None,
 ) -> None:
-    """Queue the dead letters again and send them."""
+    """Queue the dead letters again, each with the operation the server refused, and send
+    them (and what was held back for them)."""
     settings = _settings(app, server, auth, outbox, fhir_version)
-    with user_errors(), Outbox(settings.outbox_path) as box, FhirClient(settings) as client:
-        n = box.retry_dead()
-        summary = _sender(settings, box, client).run()
+    with user_errors():
+        _require_outbox(settings.outbox_path)
+        with (
+            Outbox(settings.outbox_path) as box,
+            box.writer_lock(settings.lock_timeout_s),
+            FhirClient(settings) as client,
+        ):
+            n = box.retry_dead()
+            summary = _sender(settings, box, client).run()
         click.echo(dumps({"requeued": n, **summary.as_dict()}))
-    if summary.dead_lettered:
-        sys.exit(int(ExitCode.DATA_ERROR))
+    sys.exit(int(_send_status(summary)))
+
+
+@dead_letters.command("drop")
+@click.argument("letter_ids", metavar="ID...", type=int, nargs=-1, required=True)
+@click.option("--outbox", "path", type=click.Path(path_type=Path), default=None)
+@pass_app
+def dead_letters_drop(app: AppContext, letter_ids: tuple[int, ...], path: Path | None) -> None:
+    """Acknowledge dead letters (ids from `dead-letters list`): they are no longer sent or
+    counted. A refused deletion is then left as it is on the server."""
+    target = path or app.settings.outbox_path
+    with user_errors():
+        _require_outbox(target)
+        with Outbox(target) as box, box.writer_lock(app.settings.lock_timeout_s):
+            known = {letter["id"] for letter in box.dead_letters()}
+            unknown = [i for i in letter_ids if i not in known]
+            if unknown:
+                raise click.BadParameter(
+                    f"no dead letter {', '.join(map(str, unknown))} in {target} "
+                    "(see `fhir-adapter dead-letters list`)",
+                    param_hint="ID",
+                )
+            for letter_id in letter_ids:
+                dropped = box.drop_dead_letter(letter_id)
+                if dropped is not None:
+                    click.echo(
+                        f"dropped {letter_id}: {dropped['resourceType']} {dropped['key']} "
+                        f"({dropped['operation'] or 'write'} refused with HTTP {dropped['status']})"
+                    )
 
 
 @cli.command("test-server")

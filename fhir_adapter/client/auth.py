@@ -16,7 +16,7 @@ import jwt
 import requests
 from requests.auth import AuthBase
 
-from fhir_adapter.errors import AuthError
+from fhir_adapter.errors import AuthError, ConfigurationError
 from fhir_adapter.settings import Settings
 
 _ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -84,6 +84,17 @@ class SmartBackendAuth(AuthBase):
         headers = {"kid": self.key_id} if self.key_id else None
         return jwt.encode(claims, self._key, algorithm=self.algorithm, headers=headers)
 
+    def check_key(self) -> None:
+        """Sign one assertion now, so an unusable key is a configuration error at start-up
+        rather than a failure in the middle of a sync. The key never appears in the message."""
+        try:
+            self._assertion()
+        except Exception:  # PyJWT / cryptography raise ValueError, TypeError, InvalidKeyError…
+            raise ConfigurationError(
+                f"the SMART private key is not a PEM private key usable with {self.algorithm} "
+                "(FHIR_ADAPTER_SMART_PRIVATE_KEY / _PATH, FHIR_ADAPTER_SMART_ALGORITHM)"
+            ) from None
+
     def token(self) -> str:
         with self._lock:
             if self._token is None or time.monotonic() >= self._expires_at:
@@ -139,29 +150,41 @@ class SmartBackendAuth(AuthBase):
 
 
 def auth_from_settings(settings: Settings, session: requests.Session) -> AuthBase | None:
+    """The configured auth; an incomplete or unusable setting is a ConfigurationError (66)."""
     if settings.fhir_auth == "none":
         return None
     if settings.fhir_auth == "bearer":
-        if settings.fhir_token is None:
-            raise AuthError("FHIR_ADAPTER_FHIR_AUTH=bearer needs FHIR_ADAPTER_FHIR_TOKEN")
-        return BearerAuth(settings.fhir_token.get_secret_value())
-    if not (settings.smart_token_url and settings.smart_client_id):
-        raise AuthError(
-            "FHIR_ADAPTER_FHIR_AUTH=smart needs FHIR_ADAPTER_SMART_TOKEN_URL and "
-            "FHIR_ADAPTER_SMART_CLIENT_ID"
-        )
+        if settings.fhir_token is None or not settings.fhir_token.get_secret_value().strip():
+            raise ConfigurationError("FHIR_ADAPTER_FHIR_AUTH=bearer needs FHIR_ADAPTER_FHIR_TOKEN")
+        return BearerAuth(settings.fhir_token.get_secret_value().strip())
+    token_url, client_id = settings.smart_token_url, settings.smart_client_id
+    if not token_url or not client_id:
+        missing = [
+            name
+            for name, value in (
+                ("FHIR_ADAPTER_SMART_TOKEN_URL", token_url),
+                ("FHIR_ADAPTER_SMART_CLIENT_ID", client_id),
+            )
+            if not value
+        ]
+        raise ConfigurationError(f"FHIR_ADAPTER_FHIR_AUTH=smart needs {' and '.join(missing)}")
     if settings.smart_private_key is not None:
         key = settings.smart_private_key.get_secret_value()
     elif settings.smart_private_key_path is not None:
         try:
             key = settings.smart_private_key_path.read_text(encoding="utf-8")
-        except OSError:
-            raise AuthError("the SMART private key file cannot be read") from None
+        except (OSError, UnicodeDecodeError):
+            raise ConfigurationError(
+                "FHIR_ADAPTER_SMART_PRIVATE_KEY_PATH cannot be read as a PEM text file"
+            ) from None
     else:
-        raise AuthError("FHIR_ADAPTER_FHIR_AUTH=smart needs a private key")
-    return SmartBackendAuth(
-        settings.smart_token_url,
-        settings.smart_client_id,
+        raise ConfigurationError(
+            "FHIR_ADAPTER_FHIR_AUTH=smart needs FHIR_ADAPTER_SMART_PRIVATE_KEY or "
+            "FHIR_ADAPTER_SMART_PRIVATE_KEY_PATH"
+        )
+    auth = SmartBackendAuth(
+        token_url,
+        client_id,
         key,
         algorithm=settings.smart_algorithm,
         key_id=settings.smart_key_id,
@@ -169,3 +192,5 @@ def auth_from_settings(settings: Settings, session: requests.Session) -> AuthBas
         session=session,
         timeout=(settings.connect_timeout_s, settings.read_timeout_s),
     )
+    auth.check_key()
+    return auth

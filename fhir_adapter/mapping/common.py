@@ -82,6 +82,16 @@ def eligibility_value(subject_id: str) -> str:
 SCREENING = "screening"
 
 
+def masi_item_fields() -> dict[str, str]:
+    """Component code -> MASI record field of the 12 items (``forehead-darkness`` ->
+    ``forehead_d``): how a rater Observation's components read back into a record."""
+    return {
+        f"{region_code}-{item}": f"{region}_{letter}"
+        for region, region_code in _MASI_REGIONS
+        for letter, item in _MASI_ITEMS
+    }
+
+
 # -- small shared pieces -------------------------------------------------------------------
 def score_quantity(ctx: MappingContext, value: Decimal) -> dict[str, Any]:
     return {

@@ -12,11 +12,11 @@ passed along explicitly: ``(source, resource)``.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fhir_adapter.domain import (
     AdverseEvent,
@@ -84,11 +84,24 @@ VisitKey = tuple[str, str]  # (subject_id, visit)
 
 
 class DatasetMapper:
-    """Turns one directory of the eCRF export into FHIR resources (a generator)."""
+    """Turns the source records - one directory of the eCRF export, or the webhook's inbox
+    (JSON records per kind) - into FHIR resources (a generator)."""
 
     def __init__(
-        self, ctx: MappingContext, intake: Intake, *, threshold: Decimal | None = None
+        self,
+        ctx: MappingContext,
+        intake: Intake,
+        *,
+        threshold: Decimal | None = None,
+        records: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+        source_prefix: str = "",
     ) -> None:
+        #: JSON records per kind (the webhook's inbox) read instead of the directory's files;
+        #: every kind then counts as present (the inbox is the complete set of what it holds)
+        self.records = records
+        #: prefixed to every source (``webhook:masi``): the outbox tells entry points apart, so
+        #: a ``sync DIR`` never removes what the webhook brought, nor the reverse
+        self.source_prefix = source_prefix
         self.ctx = ctx
         self.threshold = ctx.trial.adjudication_threshold if threshold is None else threshold
         self.intake = intake
@@ -113,16 +126,25 @@ class DatasetMapper:
         probe = Intake(trial=intake.trial, today=intake.today, settings=intake.settings)
         facts: dict[VisitKey, VisitFacts] = {}
         for kind in ("participants", *ASSESSMENT_KINDS):
-            path = directory / file_name(kind)
-            if not source_exists(path):
-                continue
-            try:
-                for record in probe.read_csv(kind, path):
-                    if isinstance(record, Assessment):
-                        self._add_visit_date(facts, probe, record)
-            except InputUnreadable:
-                continue  # the mapping pass reports the file
+            for record in self._accepted(probe, directory, kind):
+                if isinstance(record, Assessment):
+                    self._add_visit_date(facts, probe, record)
         return facts
+
+    def _accepted(self, intake: Intake, directory: Path, kind: str) -> Iterator[Record]:
+        """The records of ``kind`` ``intake`` accepts: the inbox's, or the file's (none when the
+        file is absent or unreadable: the mapping pass reports it)."""
+        if self.records is not None:
+            rows = self.records.get(kind, ())
+            yield from intake.read_records(kind, rows, self.source_name(kind))[0]
+            return
+        path = directory / file_name(kind)
+        if not source_exists(path):
+            return
+        try:
+            yield from intake.read_csv(kind, path)
+        except InputUnreadable:
+            return
 
     def _add_visit_date(
         self, facts: dict[VisitKey, VisitFacts], probe: Intake, record: Assessment
@@ -149,6 +171,11 @@ class DatasetMapper:
             yield "shared", common.to_practitioner(rater_id, self.ctx)
 
     def _read(self, directory: Path, kind: str, model: type[R]) -> Iterator[R]:
+        if self.records is not None:
+            self.present.add(kind)
+            accepted = self._accepted(self.intake, directory, kind)
+            yield from (r for r in accepted if isinstance(r, model))
+            return
         path = directory / file_name(kind)
         if not source_exists(path):  # a directory or FIFO in its place is unreadable, not absent
             return
@@ -170,8 +197,11 @@ class DatasetMapper:
         Visits and raters are shared by several files: they count as removed only when every
         file was present (the ``shared`` source).
         """
-        yield from self._sourced(directory)
-        if self.present >= {"study", *KINDS}:
+        for source, resource in self._sourced(directory):
+            yield self.source_prefix + source, resource
+        # Retracted inbox records never remove the shared Encounters and Practitioners: the
+        # retracted (entered-in-error) Observations still refer to them.
+        if self.records is None and self.present >= {"study", *KINDS}:
             self.present.add("shared")
 
     def resources(self, directory: Path) -> Iterator[Resource]:
@@ -186,15 +216,19 @@ class DatasetMapper:
         with_rejects = {
             kind
             for kind in KINDS
-            if (report := self.intake.reports.get(file_name(kind))) and report.rejected
+            if (report := self.intake.reports.get(self.source_name(kind))) and report.rejected
         }
         complete = self.present - with_rejects
         if with_rejects:
             complete.discard("shared")
-        return complete
+        return {self.source_prefix + source for source in complete}
+
+    def source_name(self, kind: str) -> str:
+        """Where records of ``kind`` come from, as issues name it: ``masi.csv``, ``inbox/masi``."""
+        return file_name(kind) if self.records is None else f"inbox/{kind}"
 
     def _sourced(self, directory: Path) -> Iterator[Sourced]:
-        if not source_exists(directory / file_name("participants")):
+        if self.records is None and not source_exists(directory / file_name("participants")):
             raise InputUnreadable(
                 f"{directory}: participants.csv is required (the other files refer to it)"
             )
@@ -312,6 +346,10 @@ class DatasetMapper:
                 "adverse_events",
                 self.b.to_adverse_event(event, arm_of.get(event.subject_id), self.ctx),
             )
+
+    def derived_masi(self, visit_scores: list[VisitScore]) -> Iterator[Resource]:
+        """Consensus MASI / mMASI, improvement and their Provenance, per subject x visit."""
+        return self._derived_masi(visit_scores)
 
     def _derived_masi(self, visit_scores: list[VisitScore]) -> Iterator[Resource]:
         ctx, b = self.ctx, self.b

@@ -45,6 +45,14 @@ _DROPPED_OPTION = "--add-modules=jdk.incubator.vector"
 _NUMERIC = {"decimal": Decimal, "integer": int, "positiveInt": int, "unsignedInt": int}
 
 
+#: Extension value types Pathling encodes: its defaults plus ``Period``, which the R4
+#: AdverseEvent course rides in (the R5 cross-version ``AdverseEvent.occurrence`` extension).
+EXTENSION_VALUE_TYPES = (
+    "boolean", "code", "date", "dateTime", "decimal", "integer", "string",
+    "Coding", "CodeableConcept", "Address", "Identifier", "Reference", "Period",
+)  # fmt: skip
+
+
 class SparkUnavailable(AdapterError):
     """The spark extra, Java or Maven Central is missing (exit 69: a service is unavailable)."""
 
@@ -135,7 +143,10 @@ class SparkEngine:
             ) from None
         self.spark.sparkContext.setLogLevel("ERROR")
         self.pathling = PathlingContext.create(
-            self.spark, enable_terminology=False, enable_extensions=True
+            self.spark,
+            enable_terminology=False,
+            enable_extensions=True,
+            enabled_open_types=EXTENSION_VALUE_TYPES,
         )
 
     def stop(self) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -11,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from fhir_adapter.client import FhirClient
-from fhir_adapter.intake import Intake
+from fhir_adapter.intake import KINDS, Intake, file_name
 from fhir_adapter.jsonout import dumpb
 from fhir_adapter.mapping.context import MappingContext, Resource
 from fhir_adapter.mapping.dataset import DatasetMapper
 from fhir_adapter.mapping.validation import ValueSetChecker, validate_structure
 from fhir_adapter.sync.engine import Sender, SendSummary
-from fhir_adapter.sync.outbox import Outbox, StageResult, content_hash
+from fhir_adapter.sync.outbox import Outbox, RefusedRemoval, StageResult, content_hash
 
 
 @dataclass
@@ -29,6 +27,10 @@ class SyncResult:
     removed: list[tuple[str, str]] = field(default_factory=list)
     plan: dict[str, int] | None = None
 
+    @property
+    def refused_removals(self) -> list[RefusedRemoval]:
+        return self.stage.refused_removals
+
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "new": self.stage.new,
@@ -37,6 +39,10 @@ class SyncResult:
             "retracted": self.stage.retracted,
             "deleted": self.stage.deleted,
             "removed": [f"{t} {k}" for t, k in self.removed],
+            "refused_removals": [
+                {"file": source_label(r.source), "would_remove": r.would_remove, "held": r.held}
+                for r in self.refused_removals
+            ],
             "rejected_rows": self.rejected_rows,
             "unreadable": self.unreadable,
         }
@@ -45,6 +51,15 @@ class SyncResult:
         if self.plan is not None:
             out["would_send"] = self.plan
         return out
+
+
+def source_label(source: str) -> str:
+    """The file a source kind stands for (``masi`` -> ``masi.csv``)."""
+    if source in KINDS:
+        return file_name(source)
+    if source == "shared":
+        return "visits and raters (shared by every file)"
+    return source
 
 
 def _staged_items(
@@ -65,13 +80,22 @@ def _staged_items(
 
 
 def stage_directory(
-    outbox: Outbox, ctx: MappingContext, intake: Intake, directory: Path, **mapper_kw: Any
+    outbox: Outbox,
+    ctx: MappingContext,
+    intake: Intake,
+    directory: Path,
+    *,
+    allow_removals: bool = False,
+    max_removal_share: float = 0.2,
+    **mapper_kw: Any,
 ) -> tuple[StageResult, DatasetMapper]:
     mapper = DatasetMapper(ctx, intake, **mapper_kw)
     result = outbox.stage(
         _staged_items(mapper, directory, ctx, outbox.landed_hashes()),
         mapper.complete_sources,
         ctx.fhir_version,
+        allow_removals=allow_removals,
+        max_removal_share=max_removal_share,
     )
     return result, mapper
 
@@ -86,15 +110,26 @@ def sync_directory(
     bundle_size: int,
     identity: str = "auto",
     dry_run: bool = False,
+    allow_removals: bool = False,
     on_progress: Callable[[int], None] | None = None,
     **mapper_kw: Any,
 ) -> SyncResult:
-    """Stage a directory into the outbox and send what changed. ``dry_run`` touches nothing."""
+    """Stage a directory into the outbox and send what changed. ``dry_run`` touches nothing.
+
+    The whole run (staging and sending) holds the outbox's writer lock: a second sync waits up
+    to ``FHIR_ADAPTER_LOCK_TIMEOUT_S`` for it."""
+    settings = client.settings
+    guard: dict[str, Any] = {
+        "allow_removals": allow_removals,
+        "max_removal_share": settings.max_removal_share,
+    }
     if dry_run:
-        return _dry_run(directory, ctx=ctx, intake=intake, outbox_path=outbox_path, **mapper_kw)
-    with Outbox(outbox_path) as outbox:
+        return _dry_run(
+            directory, ctx=ctx, intake=intake, outbox_path=outbox_path, **guard, **mapper_kw
+        )
+    with Outbox(outbox_path) as outbox, outbox.writer_lock(settings.lock_timeout_s):
         outbox.bind_server(client.base_url)
-        stage, mapper = stage_directory(outbox, ctx, intake, directory, **mapper_kw)
+        stage, mapper = stage_directory(outbox, ctx, intake, directory, **guard, **mapper_kw)
         sender = Sender(
             client,
             outbox,
@@ -108,18 +143,16 @@ def sync_directory(
 
 
 def _dry_run(
-    directory: Path, *, ctx: MappingContext, intake: Intake, outbox_path: Path, **mapper_kw: Any
+    directory: Path, *, ctx: MappingContext, intake: Intake, outbox_path: Path, **kw: Any
 ) -> SyncResult:
+    """Stage into a copy of the outbox (or an empty one): the real outbox is not touched, and
+    not created when it does not exist."""
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "outbox.sqlite"
         if outbox_path.exists():
-            source = sqlite3.connect(str(outbox_path))
-            target = sqlite3.connect(str(copy))
-            source.backup(target)
-            source.close()
-            target.close()
+            Outbox.copy(outbox_path, copy)
         with Outbox(copy) as outbox:
-            stage, mapper = stage_directory(outbox, ctx, intake, directory, **mapper_kw)
+            stage, mapper = stage_directory(outbox, ctx, intake, directory, **kw)
             plan: dict[str, int] = {}
             for row in outbox.to_send():
                 action = (
@@ -130,10 +163,9 @@ def _dry_run(
                     else "create or match"
                 )
                 plan[f"{row.rtype} {action}"] = plan.get(f"{row.rtype} {action}", 0) + 1
-        shutil.rmtree(tmp, ignore_errors=True)
     return SyncResult(
         stage, None, intake.rejected, mapper.unreadable, list(stage.removed_keys), plan
     )
 
 
-__all__ = ["SyncResult", "stage_directory", "sync_directory"]
+__all__ = ["SyncResult", "source_label", "stage_directory", "sync_directory"]

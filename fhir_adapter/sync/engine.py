@@ -1,18 +1,25 @@
 """Sync: exactly-once in effect (SPEC §7).
 
-1. **Stage**: map the directory, hash each resource (before any reference is rewritten) and
-   record it in the outbox; unchanged resources are left alone; records removed from a file
-   that was present are retracted (entered-in-error) or deleted.
-2. **Learn**: for types with resources the server may already hold, one paged search per type
-   (by identifier system, or ``_tag`` where the server has no ``identifier`` search for the type)
-   learns their server ids.
-3. **Send**: transaction Bundles in dependency order: ``PUT Type/id`` with ``If-Match`` where
-   the server id is known, plain ``POST`` where the server is known not to hold the resource,
-   conditional ``PUT Type?identifier=…`` only where the outcome of an earlier send is unknown.
-   References inside a Bundle are ``urn:uuid``; to resources sent earlier, the server's
-   ``Type/id`` from the outbox. Each answer is recorded per entry; rejected entries go to the
-   dead-letter table with the server's OperationOutcome; a Bundle rejected as a whole is
-   bisected until the bad entries are isolated.
+1. **Stage** (outbox): map the directory, hash each resource (before any reference is
+   rewritten) and record it; unchanged resources are left alone; records removed from a file
+   that was present are retracted (entered-in-error) or deleted — never en masse by surprise.
+2. **Learn**: for types whose resources the server may already hold, and for every resource
+   whose last send had no certain answer, one paged search per type (by identifier system, or
+   ``_tag`` where the server has no ``identifier`` search for the type) finds them by business
+   identity; a resource the server already holds with the same content is recorded as landed.
+3. **Send**, in dependency layers: a layer goes only once every resource it refers to has a
+   server id, so no entry refers to another entry of its own Bundle and no reference ever
+   points at nothing, whatever the server does with the rest of a Bundle. (With
+   ``FHIR_ADAPTER_ATOMIC_TRANSACTIONS=true`` a whole chunk rides in one transaction with
+   ``urn:uuid`` references inside it.) ``PUT Type/id`` with ``If-Match`` where the server id is
+   known, plain ``POST`` where the server is known not to hold the resource. Transaction
+   Bundles where the server offers them, else batch, else one request per resource.
+4. **Answers** are classified by the client (one mapping): landed → recorded; refused →
+   dead letter with the OperationOutcome (a referrer of a dead-lettered resource is held back);
+   not applied → sent again within the retry budget; uncertain (500, 502, 504, a timeout, an
+   HTML page, a 2xx without ``location``) → looked up by business identity, then created or
+   updated only where missing or different, within the retry budget. A Bundle refused as a
+   whole (4xx) is bisected to isolate the bad entries.
 
 The outbox is written before every send and after every answer, so a process killed at any
 point resumes where it stopped: nothing lost, nothing duplicated.
@@ -20,22 +27,41 @@ point resumes where it stopped: nothing lost, nothing duplicated.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from fhir_adapter.client import Capabilities, FhirClient, error_for_status, retrying
-from fhir_adapter.errors import ConfigurationError, Conflict, ServerRejected, ServerUnavailable
+import orjson
+
+from fhir_adapter.client import (
+    BundleMode,
+    Capabilities,
+    EntryOutcome,
+    FhirClient,
+    retrying,
+)
+from fhir_adapter.errors import (
+    ConfigurationError,
+    Conflict,
+    OutcomeUncertain,
+    ServerError,
+    ServerRejected,
+    ServerUnavailable,
+)
 from fhir_adapter.sync.outbox import Outbox, Row
 
 log = logging.getLogger(__name__)
 
 Strategy = Literal["identifier", "tag", "client-id"]
-_REFERENCE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})$")
+LOCAL_REFERENCE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})$")
+# a reference in an outbox body (canonical, compact orjson): rewritten on the bytes, which is
+# several times faster than walking the parsed resource
+_REFERENCE_BYTES = re.compile(rb'"reference":"([^"\\]*)"')
 MAX_PASSES = 3
 
 
@@ -44,9 +70,13 @@ class SendSummary:
     created: int = 0
     updated: int = 0
     deleted: int = 0
-    dead_lettered: int = 0
-    blocked: int = 0
+    matched: int = 0  # found on the server as they are: recorded without a write
+    dead_lettered: int = 0  # refused in this run
+    blocked: int = 0  # held back: they refer to a resource that has no server id
     bundles: int = 0
+    undelivered: int = 0  # still to send (server unavailable, answers uncertain)
+    undelivered_reason: str | None = None
+    dead_letters: int = 0  # outstanding in the outbox (this run's and earlier ones)
     by_type: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -54,10 +84,23 @@ class SendSummary:
             "created": self.created,
             "updated": self.updated,
             "deletes_sent": self.deleted,
+            "matched": self.matched,
             "dead_lettered": self.dead_lettered,
+            "dead_letters": self.dead_letters,
             "blocked": self.blocked,
+            "undelivered": self.undelivered,
+            "undelivered_reason": self.undelivered_reason,
             "bundles": self.bundles,
         }
+
+
+class Held(NamedTuple):
+    """One resource a look-up found on the server."""
+
+    server_id: str
+    version: str | None
+    fingerprint: str
+    references: tuple[str, ...]
 
 
 def choose_strategy(caps: Capabilities, rtype: str, setting: str) -> Strategy:
@@ -80,27 +123,54 @@ def choose_strategy(caps: Capabilities, rtype: str, setting: str) -> Strategy:
     )
 
 
-def _status(entry_response: dict[str, Any]) -> int:
-    text = str(entry_response.get("status", "0")).strip()
-    match = re.match(r"\d{3}", text)
-    return int(match.group()) if match else 0
+def fingerprint(resource: dict[str, Any]) -> str:
+    """What identifies a resource's content, whatever the server added: everything but
+    ``id``, ``meta`` (except tags and profiles) and a generated ``text``."""
+    meta = resource.get("meta") or {}
+    comparable = {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
+    comparable["meta"] = {
+        "tag": sorted(f"{t.get('system')}|{t.get('code')}" for t in meta.get("tag", [])),
+        "profile": sorted(meta.get("profile", [])),
+    }
+    canonical = orjson.dumps(_numbers_as_values(comparable), option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()
 
 
-def _location(entry_response: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(server id, version) from an entry response's location / etag."""
-    server_id = version = None
-    location = entry_response.get("location")
-    if location:
-        parts = str(location).split("?")[0].rstrip("/").split("/")
-        if "_history" in parts:
-            h = parts.index("_history")
-            server_id, version = parts[h - 1], parts[h + 1] if h + 1 < len(parts) else None
-        elif len(parts) >= 2:
-            server_id = parts[-1]
-    etag = entry_response.get("etag")
-    if etag:
-        version = str(etag).removeprefix("W/").strip('"')
-    return server_id, version
+def _numbers_as_values(node: Any) -> Any:
+    """12.0 and 12 are the same number (a JavaScript server writes 12.0 back as 12)."""
+    if isinstance(node, float) and node.is_integer():
+        return int(node)
+    if isinstance(node, dict):
+        return {k: _numbers_as_values(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_numbers_as_values(v) for v in node]
+    return node
+
+
+def references(node: Any) -> Iterator[str]:
+    """Every ``reference`` string anywhere in a resource."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                yield value
+            else:
+                yield from references(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from references(value)
+
+
+class _Unresolved(Exception):
+    pass
+
+
+class _Stop(Exception):
+    """Raised inside a retried attempt so that a failure already retried elsewhere (a look-up,
+    a bisected half) ends the run instead of being retried again."""
+
+    def __init__(self, error: ServerError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class Sender:
@@ -115,6 +185,7 @@ class Sender:
         bundle_size: int,
         identity: str = "auto",
         on_progress: Callable[[int], None] | None = None,
+        atomic: bool | None = None,
     ) -> None:
         self.client = client
         self.outbox = outbox
@@ -122,9 +193,12 @@ class Sender:
         self.bundle_size = bundle_size
         self.identity = identity
         self.on_progress = on_progress
+        self.atomic = client.settings.atomic_transactions if atomic is None else atomic
+        self.mode: BundleMode = "transaction"
         self.summary = SendSummary()
         self._strategies: dict[str, Strategy] = {}
-        self._server_ids: dict[str, str] | None = None
+        self._server_ids: dict[str, str] = {}
+        self._targets: dict[str, frozenset[str]] = {}
 
     # -- identity ----------------------------------------------------------------------------
     def strategy(self, rtype: str) -> Strategy:
@@ -136,249 +210,376 @@ class Sender:
     def _search_param(self, rtype: str) -> str:
         return "identifier" if self.strategy(rtype) == "identifier" else "_tag"
 
-    def server_index(self, rtype: str, system: str) -> Iterator[tuple[str, str, str | None]]:
-        """(business key, server id, version) of every resource the server holds in ``system``."""
+    def look_up(self, rtype: str, systems: Iterable[str]) -> dict[str, list[Held]]:
+        """Business key -> what the server holds under it (one paged search per system)."""
         param = self._search_param(rtype)
-        for resource in self.client.search_all(rtype, {param: f"{system}|", "_count": "1000"}):
-            version = resource.get("meta", {}).get("versionId")
-            for value in _business_values(resource, param, system):
-                yield f"{system}|{value}", str(resource["id"]), version
+        found: dict[str, list[Held]] = {}
+        for system in sorted(set(systems)):
+            for resource in self.client.search_all(rtype, {param: f"{system}|", "_count": "1000"}):
+                held = Held(
+                    str(resource.get("id")),
+                    resource.get("meta", {}).get("versionId"),
+                    fingerprint(resource),
+                    tuple(references(resource)),
+                )
+                for value in _business_values(resource, param, system):
+                    found.setdefault(f"{system}|{value}", []).append(held)
+        return found
+
+    def _look_up_rows(self, rows: list[Row]) -> dict[str, dict[str, list[Held]]]:
+        systems: dict[str, set[str]] = {}
+        for row in rows:
+            systems.setdefault(row.rtype, set()).add(row.bkey.split("|", 1)[0])
+        return {rtype: self.look_up(rtype, s) for rtype, s in sorted(systems.items())}
 
     def learn(self, rows: list[Row]) -> None:
-        """One paged search per type whose resources the server may already hold."""
-        wanted: dict[str, set[str]] = {}
+        """One paged search per type whose resources the server may already hold: types this
+        outbox never searched, and resources whose last send had no certain answer."""
         learned: dict[str, bool] = {}
+        wanted: list[Row] = []
         for row in rows:
-            if row.server_id is not None or row.state == "delete":
-                continue
-            if self.strategy(row.rtype) == "client-id":
+            if row.state == "delete" or self.strategy(row.rtype) == "client-id":
                 continue
             if row.rtype not in learned:
                 learned[row.rtype] = self.outbox.learned(row.rtype)
-            if row.state == "sending" or not learned[row.rtype]:
-                wanted.setdefault(row.rtype, set()).add(row.bkey.split("|", 1)[0])
-        for rtype, systems in sorted(wanted.items()):
-            found: dict[str, tuple[str, str | None]] = {}
-            for system in sorted(systems):
-                for bkey, server_id, version in self.server_index(rtype, system):
-                    if bkey in found:
-                        log.warning("%s %s: the server holds it twice", rtype, bkey)
-                        continue
-                    found[bkey] = (server_id, version)
-            self.outbox.learn(rtype, found)
+            if row.state == "sending" or (row.server_id is None and not learned[row.rtype]):
+                wanted.append(row)
+        if wanted:
+            found = self._look_up_rows(wanted)
+            for rtype in found:
+                self.outbox.learn(rtype, {})
+            self._match(wanted, found, sent_now=False)
+
+    def _match(
+        self, rows: list[Row], found: dict[str, dict[str, list[Held]]], *, sent_now: bool
+    ) -> list[Row]:
+        """Compare ``rows`` with what a look-up found; returns the rows to send (again).
+
+        Found with the same content → landed (no write). Found otherwise → updated by its
+        server id. Not found → created. A deletion found gone → done.
+        """
+        picked: dict[str, Held] = {}
+        for row in rows:
+            hits = found.get(row.rtype, {}).get(row.bkey, [])
+            if len(hits) > 1:
+                log.warning("%s %s: the server holds it %d times", row.rtype, row.bkey, len(hits))
+            if hits:
+                picked[row.key] = hits[0]
+                if row.state != "delete":
+                    self._server_ids[row.key] = hits[0].server_id
+        resend: list[Row] = []
+        with self.outbox.transaction():
             for row in rows:
-                if row.rtype == rtype and row.server_id is None and row.bkey in found:
-                    row.server_id, row.version_id = found[row.bkey]
+                held = picked.get(row.key)
+                if row.state == "delete":
+                    if held is None:
+                        self.outbox.mark_deleted(row)
+                        self.summary.deleted += 1
+                    else:
+                        resend.append(row)
+                elif held is None:
+                    self.outbox.mark_pending(row, forget_server=True)
+                    self._server_ids.pop(row.key, None)
+                    resend.append(row)
+                elif self._fingerprint(row) == held.fingerprint:
+                    created = row.server_id is None
+                    self.outbox.mark_sent(row, held.server_id, held.version)
+                    self._count_landed(row, created, counted=sent_now)
+                else:
+                    self.outbox.set_server(row, held.server_id, held.version)
+                    resend.append(row)
+        return resend
+
+    def _fingerprint(self, row: Row) -> str | None:
+        try:
+            return fingerprint(self._resolved(row, {}))
+        except _Unresolved:
+            return None
+
+    def _count_landed(self, row: Row, created: bool, *, counted: bool = True) -> None:
+        if not counted:
+            self.summary.matched += 1
+            return
+        self.summary.created += created
+        self.summary.updated += not created
+        self.summary.by_type[row.rtype] += 1
 
     # -- bundles -----------------------------------------------------------------------------
-    def _entry_url(self, row: Row) -> str:
-        system, value = row.bkey.split("|", 1)
-        param = self._search_param(row.rtype)
-        return f"{row.rtype}?{param}={system}|{value}"
+    def _entries(self, rows: list[Row]) -> tuple[list[dict[str, Any]], list[Row], list[str]]:
+        """Write entries for ``rows``: (entries, the rows they carry, labels for messages).
 
-    def build(self, rows: list[Row], uncertain: set[str]) -> tuple[dict[str, Any], list[Row]]:
-        """A transaction Bundle for ``rows``; returns it and the rows it carries (in order).
-
-        A row whose reference target has no server id and is not in this Bundle waits (blocked).
-        """
+        A row whose reference target has no server id (and, in atomic mode, is not in this
+        Bundle) is held back instead."""
         full_urls: dict[str, str] = {}
-        for row in rows:
-            if row.state == "delete":
-                continue
-            if self.strategy(row.rtype) == "client-id" or row.server_id is not None:
-                continue
-            full_urls[f"{row.rtype}/{row.local_id}"] = f"urn:uuid:{uuid.uuid4()}"
+        if self.atomic:
+            for row in rows:
+                if row.state == "delete" or row.server_id is not None:
+                    continue
+                if self.strategy(row.rtype) != "client-id":
+                    full_urls[row.key] = f"urn:uuid:{uuid.uuid4()}"
         entries: list[dict[str, Any]] = []
         carried: list[Row] = []
+        labels: list[str] = []
         for row in rows:
-            if row.state == "delete":
-                entries.append(
-                    {"request": {"method": "DELETE", "url": f"{row.rtype}/{row.server_id}"}}
-                )
-                carried.append(row)
-                continue
-            resource = row.resource
             try:
-                resource = self._resolve(resource, full_urls)
+                entry = self._entry(row, full_urls)
             except _Unresolved as exc:
-                self.summary.blocked += 1
-                self.outbox.mark_pending(row, error=f"waits for {exc}")
-                log.warning("%s %s waits for %s", row.rtype, row.bkey, exc)
+                self._hold(row, str(exc))
                 continue
-            key = f"{row.rtype}/{row.local_id}"
-            strategy = self.strategy(row.rtype)
-            entry: dict[str, Any]
-            if strategy == "client-id":
-                resource["id"] = row.local_id
-                entry = {"resource": resource, "request": {"method": "PUT", "url": key}}
-            elif row.server_id is not None:
-                resource["id"] = row.server_id
-                request = {"method": "PUT", "url": f"{row.rtype}/{row.server_id}"}
-                if row.version_id and row.bkey not in uncertain:
-                    request["ifMatch"] = f'W/"{row.version_id}"'
-                entry = {
-                    "fullUrl": self.client.url(f"{row.rtype}/{row.server_id}"),
-                    "resource": resource,
-                    "request": request,
-                }
-            else:
-                resource.pop("id", None)
-                request = (
-                    {"method": "PUT", "url": self._entry_url(row)}
-                    if row.bkey in uncertain
-                    else {"method": "POST", "url": row.rtype}
-                )
-                entry = {"fullUrl": full_urls[key], "resource": resource, "request": request}
             entries.append(entry)
             carried.append(row)
-        return {"resourceType": "Bundle", "type": "transaction", "entry": entries}, carried
+            labels.append(f"{row.rtype} {row.bkey}")
+        return entries, carried, labels
 
-    def _resolve(self, node: Any, full_urls: dict[str, str]) -> Any:
-        if isinstance(node, dict):
-            out = {}
-            for key, value in node.items():
-                if key == "reference" and isinstance(value, str):
-                    out[key] = self._target(value, full_urls)
-                else:
-                    out[key] = self._resolve(value, full_urls)
-            return out
-        if isinstance(node, list):
-            return [self._resolve(v, full_urls) for v in node]
-        return node
+    def _entry(self, row: Row, full_urls: dict[str, str]) -> dict[str, Any]:
+        if row.state == "delete":
+            return {"request": {"method": "DELETE", "url": f"{row.rtype}/{row.server_id}"}}
+        resource = self._resolved(row, full_urls)
+        if self.strategy(row.rtype) == "client-id":
+            resource["id"] = row.local_id
+            return {"resource": resource, "request": {"method": "PUT", "url": row.key}}
+        if row.server_id is not None:
+            resource["id"] = row.server_id
+            request = {"method": "PUT", "url": f"{row.rtype}/{row.server_id}"}
+            if row.version_id:
+                request["ifMatch"] = f'W/"{row.version_id}"'
+            return {
+                "fullUrl": self.client.url(f"{row.rtype}/{row.server_id}"),
+                "resource": resource,
+                "request": request,
+            }
+        resource.pop("id", None)
+        entry: dict[str, Any] = {
+            "resource": resource,
+            "request": {"method": "POST", "url": row.rtype},
+        }
+        if row.key in full_urls:
+            entry = {"fullUrl": full_urls[row.key], **entry}
+        return entry
+
+    def _resolved(self, row: Row, full_urls: dict[str, str]) -> dict[str, Any]:
+        """The row's resource with every local reference rewritten to the server's id (or to
+        the ``urn:uuid`` of an entry of the same atomic Bundle); :class:`_Unresolved` when a
+        target has no server id."""
+
+        def rewrite(match: re.Match[bytes]) -> bytes:
+            target = self._target(match.group(1).decode(), full_urls)
+            return b'"reference":"' + target.encode() + b'"'
+
+        return dict(orjson.loads(_REFERENCE_BYTES.sub(rewrite, row.body)))
 
     def _target(self, reference: str, full_urls: dict[str, str]) -> str:
         if reference in full_urls:
             return full_urls[reference]
-        match = _REFERENCE.match(reference)
+        match = LOCAL_REFERENCE.match(reference)
         if not match:
             return reference
-        rtype = match.group(1)
-        if self.strategy(rtype) == "client-id":
-            return reference
-        if self._server_ids is None:
-            self._server_ids = self.outbox.server_ids()
         server_id = self._server_ids.get(reference)
         if server_id is None:
             raise _Unresolved(reference)
-        return f"{rtype}/{server_id}"
+        return f"{match.group(1)}/{server_id}"
+
+    def targets(self, row: Row) -> frozenset[str]:
+        """``Type/local id`` of every resource ``row`` refers to."""
+        key = row.key
+        if key not in self._targets:
+            found = {m.decode() for m in _REFERENCE_BYTES.findall(row.body)}
+            self._targets[key] = frozenset(
+                r for r in found if r != key and LOCAL_REFERENCE.match(r)
+            )
+        return self._targets[key]
+
+    def _hold(self, row: Row, target: str) -> None:
+        self.outbox.hold(row, target)
+        # one line per record at INFO; the CLI says once how many are held back
+        log.info("%s %s held back: it refers to %s, not on the server", row.rtype, row.bkey,
+                 target)  # fmt: skip
 
     # -- sending -----------------------------------------------------------------------------
     def run(self) -> SendSummary:
-        """Send everything the outbox has to send (a few passes for conflicts and 5xx)."""
-        self.client.check_version(self.fhir_version)
-        self.outbox.bind_server(self.client.base_url)
-        for _ in range(MAX_PASSES):
-            rows = self.outbox.to_send()
-            if not rows:
-                break
-            self.learn(rows)
-            self._server_ids = None  # "Type/local id" -> server id, loaded once per pass
-            blocked_before = self.summary.blocked
-            progressed = False
-            for start in range(0, len(rows), self.bundle_size):
-                chunk = rows[start : start + self.bundle_size]
-                progressed |= self._send_chunk(chunk)
-                if self.on_progress:
-                    self.on_progress(len(chunk))
-            if not progressed and self.summary.blocked == blocked_before:
-                break
+        """Send everything the outbox has to send; stop (and say why) when the server stays
+        unavailable or its answers stay uncertain beyond the retry budget."""
+        try:
+            caps = self.client.check_version(self.fhir_version)
+            self.outbox.bind_server(self.client.base_url)
+            self.mode = caps.bundle_mode()
+            if self.atomic and self.mode != "transaction":
+                log.warning("the server offers no transaction: sending in dependency layers")
+                self.atomic = False
+            for _ in range(MAX_PASSES):
+                rows = self.outbox.to_send()
+                if not rows:
+                    break
+                self._server_ids = self.outbox.server_ids()
+                self.learn(rows)
+                rows = [r for r in rows if r.state != "sent"]
+                if not rows or not self._send_pass(rows):
+                    break
+        except (ServerUnavailable, OutcomeUncertain) as exc:
+            self.summary.undelivered_reason = str(exc)
         self.summary.blocked = self.outbox.blocked()
+        self.summary.undelivered = self.outbox.undelivered()
+        self.summary.dead_letters = self.outbox.dead_letter_count()
+        if self.summary.undelivered and self.summary.undelivered_reason is None:
+            self.summary.undelivered_reason = (
+                f"still pending after {MAX_PASSES} passes (the server kept reporting conflicts)"
+            )
         return self.summary
 
-    def _send_chunk(self, rows: list[Row]) -> bool:
-        uncertain = {r.bkey for r in rows if r.state == "sending"}
-        bundle, carried = self.build(rows, uncertain)
-        if not carried:
-            return False
-        self.outbox.mark_sending(carried)
-        attempts = 0
+    def _send_pass(self, rows: list[Row]) -> bool:
+        writes = [r for r in rows if r.state != "delete"]
+        deletes = [r for r in rows if r.state == "delete"]
+        progressed = False
+        waiting = writes
+        while waiting:
+            if self.atomic:  # references inside a transaction ride as urn:uuid
+                layer, waiting = waiting, []
+            else:
+                layer, waiting = self._next_layer(waiting)
+            progressed |= self._send_chunks(layer)
+        return self._send_chunks(deletes) or progressed
 
-        def attempt() -> dict[str, Any]:
-            nonlocal bundle, attempts
-            attempts += 1
-            if attempts > 1:  # the earlier try may have landed: match on the server first
-                uncertain.update(r.bkey for r in carried)
-                bundle, _ = self.build(carried, uncertain)
-            return self.client.transaction(bundle)
+    def _send_chunks(self, rows: list[Row]) -> bool:
+        progressed = False
+        for start in range(0, len(rows), self.bundle_size):
+            chunk = rows[start : start + self.bundle_size]
+            progressed |= self._deliver(chunk)
+            if self.on_progress:
+                self.on_progress(len(chunk))
+        return progressed
+
+    def _next_layer(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+        """The rows whose every target has a server id, and those that wait for a target still
+        to be sent in this pass; the others (targets dead-lettered, unknown) are held back."""
+        in_play = {r.key for r in rows}
+        ready: list[Row] = []
+        later: list[tuple[Row, list[str]]] = []
+        with self.outbox.transaction():
+            for row in rows:
+                missing = sorted(t for t in self.targets(row) if t not in self._server_ids)
+                if not missing:
+                    ready.append(row)
+                elif all(t in in_play for t in missing):
+                    later.append((row, missing))
+                else:
+                    self._hold(row, next(t for t in missing if t not in in_play))
+            if not ready:  # what is left only waits for itself: nothing can go
+                for row, missing in later:
+                    self._hold(row, missing[0])
+                later = []
+        return ready, [row for row, _ in later]
+
+    def _deliver(self, rows: list[Row]) -> bool:
+        """Send ``rows`` (one Bundle), then again what is left of them — not applied, or
+        uncertain and found missing or different by the look-up — within the retry budget."""
+        todo = rows
+        progressed = False
+
+        def attempt() -> None:
+            nonlocal todo, progressed
+            entries, carried, labels = self._entries(todo)
+            todo = []
+            if not carried:
+                return
+            self.outbox.mark_sending(carried)
+            try:
+                outcomes = self.client.write(entries, self.mode, labels)
+            except (ServerRejected, Conflict) as exc:
+                try:
+                    progressed |= self._rejected_whole(carried, exc)
+                except (ServerUnavailable, OutcomeUncertain) as failed:
+                    raise _Stop(failed) from None
+                return
+            except ServerUnavailable:
+                self.outbox.mark_unsent(carried)
+                todo = carried
+                raise
+            except OutcomeUncertain as exc:
+                log.warning("uncertain answer (%s): looking the resources up", exc)
+                outcomes = [EntryOutcome("uncertain", error=exc)] * len(carried)
+            else:
+                self.summary.bundles += 1
+            retry, uncertain, last = self._record(carried, entries, outcomes)
+            progressed |= len(retry) + len(uncertain) < len(carried)
+            if uncertain:
+                try:
+                    retry += self._match(uncertain, self._look_up_rows(uncertain), sent_now=True)
+                except (ServerUnavailable, OutcomeUncertain) as failed:
+                    raise _Stop(failed) from None
+            todo = retry
+            if todo and last is not None:
+                raise last  # retried: not applied, or uncertain and not (or not so) on the server
 
         try:
-            response = retrying(self.client.settings, attempt)
-        except (ServerRejected, Conflict) as exc:
-            return self._rejected_whole(carried, exc)
-        self.summary.bundles += 1
-        self._record(carried, bundle, response)
-        return True
+            retrying(self.client.settings, attempt)
+        except _Stop as stop:
+            raise stop.error from None
+        return progressed
+
+    def _record(
+        self, rows: list[Row], entries: list[dict[str, Any]], outcomes: list[EntryOutcome]
+    ) -> tuple[list[Row], list[Row], ServerError | None]:
+        """Record each entry's outcome; returns (to send again, to look up, the last error)."""
+        retry: list[Row] = []
+        uncertain: list[Row] = []
+        last: ServerError | None = None
+        with self.outbox.transaction():
+            for row, entry, outcome in zip(rows, entries, outcomes, strict=True):
+                method = entry["request"]["method"]
+                if outcome.kind == "landed":
+                    self._landed(row, method, outcome)
+                elif outcome.kind == "refused" or (
+                    outcome.kind == "conflict" and method == "DELETE"
+                ):
+                    self._dead(row, method, outcome.status, outcome.error)
+                elif outcome.kind == "conflict":
+                    self.outbox.forget_version(row, f"HTTP {outcome.status}: version conflict")
+                elif outcome.kind == "unavailable":
+                    if method != "DELETE":
+                        self.outbox.mark_pending(row)
+                    retry.append(row)
+                    last = outcome.error
+                else:
+                    uncertain.append(row)
+                    last = outcome.error
+        return retry, uncertain, last
+
+    def _landed(self, row: Row, method: str, outcome: EntryOutcome) -> None:
+        if method == "DELETE":
+            self.outbox.mark_deleted(row)
+            self._server_ids.pop(row.key, None)
+            self.summary.deleted += 1
+            return
+        assert outcome.server_id is not None  # noqa: S101 - entry_outcome guarantees it
+        created = method == "POST" or outcome.created
+        self.outbox.mark_sent(row, outcome.server_id, outcome.version)
+        self._server_ids[row.key] = outcome.server_id
+        self._count_landed(row, created)
+
+    def _dead(self, row: Row, method: str, status: int | None, error: ServerError | None) -> None:
+        outcome = error.outcome if error is not None else None
+        message = error.full_message if error is not None else f"HTTP {status}"
+        self.outbox.mark_dead(row, status, message, outcome, method)
+        self.summary.dead_lettered += 1
+        log.warning("dead-lettered %s %s (%s): HTTP %s", row.rtype, row.bkey, method, status)
 
     def _rejected_whole(self, rows: list[Row], exc: ServerRejected | Conflict) -> bool:
-        """A Bundle refused as a whole (atomic servers): bisect to isolate the bad entries."""
+        """A Bundle refused as a whole (4xx: nothing applied): bisect to isolate the bad
+        entries."""
         if len(rows) == 1:
+            (row,) = rows
+            method = "DELETE" if row.state == "delete" else "PUT" if row.server_id else "POST"
             with self.outbox.transaction():
-                if isinstance(exc, Conflict):  # changed on the server: the source wins, next pass
-                    self._conflict(rows[0], exc.status)
+                if isinstance(exc, Conflict) and method != "DELETE":
+                    self.outbox.forget_version(row, f"HTTP {exc.status}: version conflict")
                 else:
-                    self.outbox.mark_dead(rows[0], exc.status, str(exc), exc.outcome)
-                    self.summary.dead_lettered += 1
+                    self._dead(row, method, exc.status, exc)
             return True
-        with self.outbox.transaction():
-            for row in rows:  # nothing of a refused Bundle was applied
-                self.outbox.mark_pending(row)
-                row.state = "pending"
+        self.outbox.mark_unsent(rows)
         middle = len(rows) // 2
-        left = self._send_chunk(rows[:middle])
-        right = self._send_chunk(rows[middle:])
+        left = self._deliver(rows[:middle])
+        right = self._deliver(rows[middle:])
         return left or right
-
-    def _conflict(self, row: Row, status: int | None) -> None:
-        """Changed on the server since we last saw it: the source wins on the next pass."""
-        self.outbox.mark_pending(row, error=f"HTTP {status}: version conflict")
-        self.outbox.db.execute(
-            "UPDATE resources SET version_id = NULL WHERE rtype = ? AND bkey = ?",
-            (row.rtype, row.bkey),
-        )
-
-    def _record(self, rows: list[Row], bundle: dict[str, Any], response: dict[str, Any]) -> None:
-        answers = response.get("entry", [])
-        requests_sent = bundle["entry"]
-        with self.outbox.transaction():
-            for index, row in enumerate(rows):
-                answer = (answers[index] if index < len(answers) else {}).get("response", {})
-                method = requests_sent[index]["request"]["method"]
-                status = _status(answer)
-                if 200 <= status < 300 or (method == "DELETE" and status in (404, 410)):
-                    if method == "DELETE":
-                        self.outbox.mark_deleted(row)
-                        if self._server_ids is not None:
-                            self._server_ids.pop(f"{row.rtype}/{row.local_id}", None)
-                        self.summary.deleted += 1
-                        continue
-                    server_id, version = _location(answer)
-                    server_id = server_id or row.server_id
-                    if server_id is None and self.strategy(row.rtype) == "client-id":
-                        server_id = row.local_id
-                    if server_id is None:
-                        self.outbox.mark_pending(row, error="answer without a location")
-                        continue
-                    self.outbox.mark_sent(row, server_id, version)
-                    if self._server_ids is not None:
-                        self._server_ids[f"{row.rtype}/{row.local_id}"] = server_id
-                    created = status == 201
-                    self.summary.created += created
-                    self.summary.updated += not created
-                    self.summary.by_type[row.rtype] += 1
-                elif status in (409, 412) and method != "DELETE":
-                    self._conflict(row, status)
-                elif status in (408, 429) or status >= 500 or status == 0:
-                    pass  # stays 'sending': uncertain, retried with a match on the next pass
-                else:
-                    outcome = answer.get("outcome")
-                    err = error_for_status(status, outcome, what=f"for {row.rtype} {row.bkey}")
-                    self.outbox.mark_dead(row, status, str(err), outcome)
-                    self.summary.dead_lettered += 1
-                    log.warning("dead-lettered %s %s: HTTP %s", row.rtype, row.bkey, status)
-
-
-class _Unresolved(Exception):
-    pass
 
 
 def _business_values(resource: dict[str, Any], param: str, system: str) -> list[str]:
@@ -397,4 +598,13 @@ def _business_values(resource: dict[str, Any], param: str, system: str) -> list[
     return [str(v) for v in found if v]
 
 
-__all__ = ["SendSummary", "Sender", "ServerUnavailable", "choose_strategy"]
+__all__ = [
+    "LOCAL_REFERENCE",
+    "Held",
+    "SendSummary",
+    "Sender",
+    "ServerUnavailable",
+    "choose_strategy",
+    "fingerprint",
+    "references",
+]

@@ -4,30 +4,44 @@ Keyed by resource type and business key (``system|value``), never by source file
 remembers the canonical body and its hash, the server's id and version once a send landed, and
 its state:
 
-- ``pending``: new or changed, to be sent;
-- ``sending``: handed to the server, answer not recorded yet (a crash or a timeout leaves it
-  here: its outcome is uncertain, so the next send matches it on the server first);
+- ``pending``: new or changed, to be sent (``last_error`` "waits for …": held back until the
+  resource it refers to has a server id);
+- ``sending``: handed to the server, answer not recorded yet (a crash, a timeout or an uncertain
+  answer leaves it here: the next send looks it up on the server first);
 - ``sent``: landed; ``sent_hash`` is the hash of what the server holds;
 - ``delete``: to be deleted on the server (removed from the source; no entered-in-error status);
-- ``tombstone``: deleted on the server, kept so the removal is remembered;
-- ``dead``: rejected by the server; the OperationOutcome is in ``dead_letters``.
+- ``tombstone``: deleted on the server (or a refused deletion acknowledged), kept so the removal
+  is remembered;
+- ``dead``: refused by the server; the OperationOutcome and the refused operation are in
+  ``dead_letters`` until the record lands or the letter is dropped.
+
+All SQL on the outbox lives in this module. One writer at a time: :meth:`Outbox.writer_lock`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import logging
+import os
 import sqlite3
+import sys
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
-from fhir_adapter.errors import ConfigurationError
+from fhir_adapter.errors import ConfigurationError, OutboxBusy
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,11 +65,12 @@ CREATE TABLE IF NOT EXISTS resources (
 CREATE INDEX IF NOT EXISTS resources_state ON resources (state, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS resources_local ON resources (rtype, local_id);
 CREATE TABLE IF NOT EXISTS dead_letters (
-    rtype   TEXT NOT NULL,
-    bkey    TEXT NOT NULL,
-    status  INTEGER,
-    message TEXT NOT NULL,
-    outcome TEXT,
+    rtype     TEXT NOT NULL,
+    bkey      TEXT NOT NULL,
+    status    INTEGER,
+    message   TEXT NOT NULL,
+    outcome   TEXT,
+    operation TEXT,
     PRIMARY KEY (rtype, bkey)
 );
 CREATE TABLE IF NOT EXISTS learned_types (rtype TEXT PRIMARY KEY);
@@ -66,6 +81,8 @@ RETRACTABLE = {
     "R4": frozenset({"Observation", "Encounter", "Consent"}),
     "R5": frozenset({"Observation", "Encounter", "Consent", "AdverseEvent"}),
 }
+WAITS_FOR = "waits for "
+MIN_GUARDED_REMOVALS = 5  # removing up to this many records of a file never needs the flag
 
 
 def content_hash(body: bytes) -> str:
@@ -90,13 +107,28 @@ class Row:
 
     @property
     def resource(self) -> dict[str, Any]:
+        """A fresh copy of the body, free to change."""
         return dict(orjson.loads(self.body))
+
+    @functools.cached_property
+    def key(self) -> str:
+        """``Type/local id``: how the other bodies refer to this one."""
+        return f"{self.rtype}/{self.local_id}"
 
 
 _ROW_COLUMNS = (
     "rtype, bkey, local_id, seq, source, body, hash, state, server_id, version_id, sent_hash, "
     "retracted, attempts"
 )
+
+
+@dataclass(frozen=True)
+class RefusedRemoval:
+    """A file whose removals were not staged: it would remove too much of what it holds."""
+
+    source: str
+    would_remove: int
+    held: int
 
 
 @dataclass
@@ -107,6 +139,101 @@ class StageResult:
     retracted: int = 0
     deleted: int = 0
     removed_keys: list[tuple[str, str]] = field(default_factory=list)
+    refused_removals: list[RefusedRemoval] = field(default_factory=list)
+
+
+class _Existing(NamedTuple):
+    hash: str
+    state: str
+    sent_hash: str | None
+    source: str
+    retracted: int
+
+
+# -- one writer per outbox ---------------------------------------------------------------------
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def writer_lock(path: Path, timeout: float, *, poll_s: float = 0.05) -> Iterator[None]:
+    """Hold the one-writer lock of the outbox at ``path`` (a sync, a delivery worker, …).
+
+    An advisory lock on ``<outbox>.lock`` (``flock``; released by the OS when the process dies,
+    even by SIGKILL). A second writer waits up to ``timeout`` seconds, then gets
+    :class:`OutboxBusy` (exit 69). Works across processes and across threads of one process
+    (each holder opens the file itself). Readers need no lock.
+    """
+    target = lock_path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot create the outbox lock {target}: {exc.strerror or exc}"
+        ) from None
+    try:
+        deadline = time.monotonic() + timeout
+        waiting = False
+        while not _try_lock(fd):
+            if not waiting:
+                waiting = True
+                log.warning(
+                    "waiting for the outbox %s: another writer%s holds it (up to %g s)",
+                    path,
+                    _holder(target),
+                    timeout,
+                )
+            if time.monotonic() >= deadline:
+                raise OutboxBusy(
+                    f"the outbox {path} is in use by another writer{_holder(target)}; waited "
+                    f"{timeout:g} s (FHIR_ADAPTER_LOCK_TIMEOUT_S): run again when it has finished"
+                )
+            time.sleep(poll_s)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            yield
+        finally:
+            _unlock(fd)
+    finally:
+        os.close(fd)
+
+
+if sys.platform == "win32":  # pragma: no cover - the project runs on POSIX
+    import msvcrt
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
+    def _unlock(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _holder(target: Path) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(target.read_text(encoding="ascii").strip() or "0")
+        if pid:
+            return f" (process {pid})"
+    return ""
 
 
 class Outbox:
@@ -114,19 +241,36 @@ class Outbox:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigurationError(f"cannot open the outbox {path}: {exc}") from None
+        try:
+            self._open()
+        except sqlite3.Error as exc:
+            self.db.close()
+            raise ConfigurationError(
+                f"cannot use {path} as the outbox ({exc}); point --outbox at an outbox file "
+                "or at a new path"
+            ) from None
+
+    def _open(self) -> None:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=30000")
         self.db.executescript(_SCHEMA)
         version = self.get_meta("schema_version")
-        if version is None:
-            self.set_meta("schema_version", str(SCHEMA_VERSION))
-        elif int(version) > SCHEMA_VERSION:
+        if version is not None and int(version) > SCHEMA_VERSION:
             raise ConfigurationError(
-                f"{path}: outbox schema {version} is newer than this adapter's ({SCHEMA_VERSION})"
+                f"{self.path}: outbox schema {version} is newer than this adapter's "
+                f"({SCHEMA_VERSION})"
             )
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(dead_letters)")}
+        if "operation" not in columns:  # schema 1
+            self.db.execute("ALTER TABLE dead_letters ADD COLUMN operation TEXT")
+        if version != str(SCHEMA_VERSION):
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
 
     def close(self) -> None:
         self.db.close()
@@ -136,6 +280,26 @@ class Outbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def writer_lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
+        """The one-writer lock of this outbox (see :func:`writer_lock`)."""
+        return writer_lock(self.path, timeout)
+
+    @staticmethod
+    def copy(source: Path, target: Path) -> None:
+        """A consistent copy of the outbox at ``source`` (for a dry run); ``source`` unchanged."""
+        try:
+            src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+        except sqlite3.Error as exc:
+            raise ConfigurationError(f"cannot open the outbox {source}: {exc}") from None
+        dst = sqlite3.connect(str(target))
+        try:
+            src.backup(dst)
+        except sqlite3.Error as exc:
+            raise ConfigurationError(f"cannot read the outbox {source}: {exc}") from None
+        finally:
+            src.close()
+            dst.close()
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -176,103 +340,136 @@ class Outbox:
         items: Iterable[tuple[str, dict[str, Any], bytes]],
         present_sources: Callable[[], set[str]],
         fhir_version: str = "R4",
+        *,
+        allow_removals: bool = False,
+        max_removal_share: float = 0.2,
     ) -> StageResult:
         """Record this run's mapped resources; mark removals. ``items``: (source, resource, body).
 
         A record is removed when its source file was present in this run and it was not
         emitted: retracted (entered-in-error) where the type has that status, else deleted.
+        No silent mass removal: a source that would remove more than ``max_removal_share`` of
+        the records the outbox holds from it (and more than 5), or that yields none of them,
+        removes nothing unless ``allow_removals``; it is listed in ``refused_removals``.
         """
         result = StageResult()
-        existing = {
-            (r[0], r[1]): (r[2], r[3], r[4])
-            for r in self.db.execute("SELECT rtype, bkey, hash, state, sent_hash FROM resources")
-        }
         seen: set[tuple[str, str]] = set()
+        seen_by_source: Counter[str] = Counter()
         seq = 0
-        with self.transaction():
+        with self.transaction():  # read and written in one transaction: no writer in between
+            existing = {
+                (str(r[0]), str(r[1])): _Existing(r[2], r[3], r[4], r[5], r[6])
+                for r in self.db.execute(
+                    "SELECT rtype, bkey, hash, state, sent_hash, source, retracted FROM resources"
+                )
+            }
+            refused_deletes = self._dead_keys("DELETE")
             for source, resource, body in items:
                 seq += 1
                 rtype = str(resource["resourceType"])
                 tag = resource["meta"]["tag"][0]
-                bkey = f"{tag['system']}|{tag['code']}"
-                key = (rtype, bkey)
+                key = (rtype, f"{tag['system']}|{tag['code']}")
                 seen.add(key)
-                digest = content_hash(body)
-                old = existing.get(key)
-                if old is None:
-                    result.new += 1
-                    self.db.execute(
-                        "INSERT INTO resources (rtype, bkey, local_id, seq, source, body, hash, "
-                        "state) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')",
-                        (rtype, bkey, str(resource["id"]), seq, source, body, digest),
-                    )
-                    continue
-                old_hash, state, sent_hash = old
-                landed = state == "sent" and sent_hash == digest
-                if landed:
-                    result.unchanged += 1
-                    self.db.execute(
-                        "UPDATE resources SET seq = ?, source = ? WHERE rtype = ? AND bkey = ?",
-                        (seq, source, rtype, bkey),
-                    )
-                elif state == "dead" and old_hash == digest:
-                    result.unchanged += 1  # still rejected; `dead-letters retry` re-queues it
-                elif state == "sending":
-                    # outcome of an earlier send unknown: keep the state, refresh the content
-                    result.changed += 1
-                    self.db.execute(
-                        "UPDATE resources SET seq = ?, source = ?, body = ?, hash = ?, "
-                        "retracted = 0 WHERE rtype = ? AND bkey = ?",
-                        (seq, source, body, digest, rtype, bkey),
-                    )
-                else:
-                    result.changed += 1
-                    self.db.execute(
-                        "UPDATE resources SET seq = ?, source = ?, body = ?, hash = ?, "
-                        "state = 'pending', retracted = 0, attempts = 0 "
-                        "WHERE rtype = ? AND bkey = ?",
-                        (seq, source, body, digest, rtype, bkey),
-                    )
+                seen_by_source[source] += 1
+                self._stage_one(
+                    key, source, resource, body, seq, existing.get(key), refused_deletes, result
+                )
             # asked only now: which files were complete is known once they were read
-            self._removals(
-                existing, seen, present_sources(), seq, result, RETRACTABLE[fhir_version]
-            )
+            removals = _Removals(existing, seen, present_sources(), refused_deletes)
+            for source, keys in removals.by_source().items():
+                held = removals.held(source)
+                too_many = len(keys) > max_removal_share * held and len(keys) > MIN_GUARDED_REMOVALS
+                if not allow_removals and (too_many or seen_by_source[source] == 0):
+                    result.refused_removals.append(RefusedRemoval(source, len(keys), held))
+                    continue
+                for rtype, bkey in keys:
+                    seq += 1
+                    self._remove(rtype, bkey, seq, result, RETRACTABLE[fhir_version])
         return result
 
-    def _removals(
+    def _stage_one(
         self,
-        existing: dict[tuple[str, str], tuple[str, str, str | None]],
-        seen: set[tuple[str, str]],
-        present_sources: set[str],
+        key: tuple[str, str],
+        source: str,
+        resource: dict[str, Any],
+        body: bytes,
         seq: int,
+        old: _Existing | None,
+        refused_deletes: set[tuple[str, str]],
         result: StageResult,
-        retractable: frozenset[str],
     ) -> None:
-        for rtype, bkey in existing.keys() - seen:
-            row = self.row(rtype, bkey)
-            if row is None or row.source not in present_sources:
-                continue
-            if row.state in ("tombstone", "delete") or row.retracted:
-                continue
-            seq += 1
-            result.removed_keys.append((rtype, bkey))
-            if rtype in retractable:
-                resource = row.resource
-                resource["status"] = "entered-in-error"
-                body = orjson.dumps(resource)
-                result.retracted += 1
-                self.db.execute(
-                    "UPDATE resources SET seq = ?, body = ?, hash = ?, state = 'pending', "
-                    "retracted = 1 WHERE rtype = ? AND bkey = ?",
-                    (seq, body, content_hash(body), rtype, bkey),
-                )
+        rtype, bkey = key
+        digest = content_hash(body)
+        if old is None:
+            result.new += 1
+            self.db.execute(
+                "INSERT INTO resources (rtype, bkey, local_id, seq, source, body, hash, "
+                "state) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')",
+                (rtype, bkey, str(resource["id"]), seq, source, body, digest),
+            )
+            return
+        if old.state == "sent" and old.sent_hash == digest:
+            result.unchanged += 1
+            self.db.execute(
+                "UPDATE resources SET seq = ?, source = ? WHERE rtype = ? AND bkey = ?",
+                (seq, source, rtype, bkey),
+            )
+        elif key in refused_deletes:
+            # the record is back in the source: its refused deletion is moot
+            self._delete_letter(rtype, bkey)
+            back = "sent" if old.sent_hash == digest else "pending"
+            if back == "sent":
+                result.unchanged += 1
             else:
-                result.deleted += 1
-                state = "delete" if row.server_id else "tombstone"
-                self.db.execute(
-                    "UPDATE resources SET seq = ?, state = ? WHERE rtype = ? AND bkey = ?",
-                    (seq, state, rtype, bkey),
-                )
+                result.changed += 1
+            self.db.execute(
+                "UPDATE resources SET seq = ?, source = ?, body = ?, hash = ?, state = ?, "
+                "retracted = 0, last_error = NULL WHERE rtype = ? AND bkey = ?",
+                (seq, source, body, digest, back, rtype, bkey),
+            )
+        elif old.state == "dead" and old.hash == digest:
+            result.unchanged += 1  # still refused; `dead-letters retry` re-queues it
+        elif old.state == "sending":
+            # outcome of an earlier send unknown: keep the state, refresh the content
+            result.changed += 1
+            self.db.execute(
+                "UPDATE resources SET seq = ?, source = ?, body = ?, hash = ?, "
+                "retracted = 0 WHERE rtype = ? AND bkey = ?",
+                (seq, source, body, digest, rtype, bkey),
+            )
+        else:
+            result.changed += 1
+            self.db.execute(
+                "UPDATE resources SET seq = ?, source = ?, body = ?, hash = ?, "
+                "state = 'pending', retracted = 0, attempts = 0, last_error = NULL "
+                "WHERE rtype = ? AND bkey = ?",
+                (seq, source, body, digest, rtype, bkey),
+            )
+
+    def _remove(
+        self, rtype: str, bkey: str, seq: int, result: StageResult, retractable: frozenset[str]
+    ) -> None:
+        row = self.row(rtype, bkey)
+        if row is None:  # pragma: no cover - read in the same transaction
+            return
+        result.removed_keys.append((rtype, bkey))
+        if rtype in retractable:
+            resource = row.resource
+            resource["status"] = "entered-in-error"
+            body = orjson.dumps(resource)
+            result.retracted += 1
+            self.db.execute(
+                "UPDATE resources SET seq = ?, body = ?, hash = ?, state = 'pending', "
+                "retracted = 1 WHERE rtype = ? AND bkey = ?",
+                (seq, body, content_hash(body), rtype, bkey),
+            )
+        else:
+            result.deleted += 1
+            state = "delete" if row.server_id else "tombstone"
+            self.db.execute(
+                "UPDATE resources SET seq = ?, state = ? WHERE rtype = ? AND bkey = ?",
+                (seq, state, rtype, bkey),
+            )
 
     # -- reading -----------------------------------------------------------------------------
     def row(self, rtype: str, bkey: str) -> Row | None:
@@ -302,10 +499,19 @@ class Outbox:
         }
 
     def blocked(self) -> int:
-        """Rows waiting for a reference target that has no server id (e.g. dead-lettered)."""
+        """Rows held back: they refer to a resource that has no server id (e.g. dead-lettered)."""
         row = self.db.execute(
-            "SELECT COUNT(*) FROM resources "
-            "WHERE state = 'pending' AND last_error LIKE 'waits for%'"
+            "SELECT COUNT(*) FROM resources WHERE state = 'pending' AND last_error LIKE ?",
+            (WAITS_FOR + "%",),
+        ).fetchone()
+        return int(row[0])
+
+    def undelivered(self) -> int:
+        """Rows still to send that are not held back (pending, sending, to delete)."""
+        row = self.db.execute(
+            "SELECT COUNT(*) FROM resources WHERE state IN ('pending', 'sending', 'delete') "
+            "AND (last_error IS NULL OR last_error NOT LIKE ?)",
+            (WAITS_FOR + "%",),
         ).fetchone()
         return int(row[0])
 
@@ -334,6 +540,22 @@ class Outbox:
                 f"SELECT {_ROW_COLUMNS} FROM resources WHERE rtype = ? "  # noqa: S608
                 "AND state IN ('sent', 'sending', 'pending')",
                 (rtype,),
+            )
+        ]
+
+    def by_local_id(self, rtype: str, local_id: str) -> Row | None:
+        r = self.db.execute(
+            f"SELECT {_ROW_COLUMNS} FROM resources WHERE rtype = ? AND local_id = ?",  # noqa: S608
+            (rtype, local_id),
+        ).fetchone()
+        return None if r is None else Row(*r)
+
+    def tombstone_keys(self, rtype: str) -> list[str]:
+        """Business keys of the resources of ``rtype`` removed from the source."""
+        return [
+            str(r[0])
+            for r in self.db.execute(
+                "SELECT bkey FROM resources WHERE rtype = ? AND state = 'tombstone'", (rtype,)
             )
         ]
 
@@ -369,41 +591,56 @@ class Outbox:
                     )
                     row.state = "sending"
 
+    def mark_unsent(self, rows: Iterable[Row]) -> None:
+        """The server did not apply them (refused connection, 503): plain pending again."""
+        with self.transaction():
+            for row in rows:
+                if row.state == "sending":
+                    self.mark_pending(row)
+                    row.state = "pending"
+
     def mark_sent(self, row: Row, server_id: str, version: str | None) -> None:
         self.db.execute(
             "UPDATE resources SET state = 'sent', server_id = ?, version_id = ?, sent_hash = ?, "
             "last_error = NULL WHERE rtype = ? AND bkey = ?",
             (server_id, version, row.hash, row.rtype, row.bkey),
         )
-        self.db.execute(
-            "DELETE FROM dead_letters WHERE rtype = ? AND bkey = ?", (row.rtype, row.bkey)
-        )
+        self._delete_letter(row.rtype, row.bkey)
+        row.state, row.server_id, row.version_id = "sent", server_id, version
 
     def mark_deleted(self, row: Row) -> None:
         self.db.execute(
             "UPDATE resources SET state = 'tombstone', server_id = NULL, version_id = NULL, "
-            "sent_hash = NULL "
-            "WHERE rtype = ? AND bkey = ?",
+            "sent_hash = NULL, last_error = NULL WHERE rtype = ? AND bkey = ?",
             (row.rtype, row.bkey),
         )
+        self._delete_letter(row.rtype, row.bkey)
+        row.state, row.server_id, row.version_id = "tombstone", None, None
 
-    def mark_dead(self, row: Row, status: int | None, message: str, outcome: Any) -> None:
+    def mark_dead(
+        self, row: Row, status: int | None, message: str, outcome: Any, operation: str = ""
+    ) -> None:
+        """Refused by the server: a dead letter with its OperationOutcome and the operation
+        (a refused ``DELETE`` is retried as a DELETE, never as a PUT)."""
         self.db.execute(
             "UPDATE resources SET state = 'dead', last_error = ? WHERE rtype = ? AND bkey = ?",
             (message, row.rtype, row.bkey),
         )
         self.db.execute(
-            "INSERT INTO dead_letters (rtype, bkey, status, message, outcome) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (rtype, bkey) DO UPDATE SET "
-            "status = excluded.status, message = excluded.message, outcome = excluded.outcome",
+            "INSERT INTO dead_letters (rtype, bkey, status, message, outcome, operation) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rtype, bkey) DO UPDATE SET "
+            "status = excluded.status, message = excluded.message, outcome = excluded.outcome, "
+            "operation = excluded.operation",
             (
                 row.rtype,
                 row.bkey,
                 status,
                 message,
                 orjson.dumps(outcome).decode() if outcome is not None else None,
+                operation or None,
             ),
         )
+        row.state = "dead"
 
     def mark_pending(
         self, row: Row, *, forget_server: bool = False, error: str | None = None
@@ -414,26 +651,199 @@ class Outbox:
             "WHERE rtype = ? AND bkey = ?",
             (error, row.rtype, row.bkey),
         )
+        row.state = "pending"
+        if forget_server:
+            row.server_id = row.version_id = None
+
+    def hold(self, row: Row, target: str) -> None:
+        """Held back: ``row`` refers to ``target``, which has no server id."""
+        self.mark_pending(row, error=f"{WAITS_FOR}{target}")
+
+    def set_server(self, row: Row, server_id: str, version: str | None) -> None:
+        """The server holds ``row`` as ``server_id`` (found by a look-up); send it again."""
+        self.db.execute(
+            "UPDATE resources SET state = 'pending', server_id = ?, version_id = ? "
+            "WHERE rtype = ? AND bkey = ?",
+            (server_id, version, row.rtype, row.bkey),
+        )
+        row.state, row.server_id, row.version_id = "pending", server_id, version
+
+    def forget_version(self, row: Row, error: str) -> None:
+        """Changed on the server since we last saw it (409/412): the source wins next pass."""
+        self.mark_pending(row, error=error)
+        self.db.execute(
+            "UPDATE resources SET version_id = NULL WHERE rtype = ? AND bkey = ?",
+            (row.rtype, row.bkey),
+        )
+        row.version_id = None
+
+    def requeue(self, row: Row) -> None:
+        """Send a landed resource again (reconcile --repair)."""
+        self.mark_pending(row)
+
+    def requeue_referrers(self, rtype: str, local_id: str) -> list[tuple[str, str]]:
+        """Queue again the landed resources whose body refers to ``rtype/local_id``: the
+        target got a new server id, so what they hold on the server points at nothing (bodies
+        keep local references; a re-send rewrites them to the new id). Returns their keys."""
+        needle = f'"reference":"{rtype}/{local_id}"'
+        keys = [
+            (str(r[0]), str(r[1]))
+            for r in self.db.execute(
+                "SELECT rtype, bkey FROM resources WHERE state = 'sent' "
+                "AND instr(CAST(body AS TEXT), ?) > 0",
+                (needle,),
+            )
+        ]
+        self.db.executemany(
+            "UPDATE resources SET state = 'pending' WHERE rtype = ? AND bkey = ?", keys
+        )
+        return keys
 
     # -- dead letters ------------------------------------------------------------------------
+    def _dead_keys(self, operation: str) -> set[tuple[str, str]]:
+        return {
+            (str(r[0]), str(r[1]))
+            for r in self.db.execute(
+                "SELECT d.rtype, d.bkey FROM dead_letters d JOIN resources r "
+                "ON r.rtype = d.rtype AND r.bkey = d.bkey "
+                "WHERE r.state = 'dead' AND d.operation = ?",
+                (operation,),
+            )
+        }
+
+    def _delete_letter(self, rtype: str, bkey: str) -> None:
+        self.db.execute("DELETE FROM dead_letters WHERE rtype = ? AND bkey = ?", (rtype, bkey))
+
     def dead_letters(self) -> list[dict[str, Any]]:
         return [
             {
-                "resourceType": r[0],
-                "key": r[1],
-                "status": r[2],
-                "message": r[3],
-                "outcome": orjson.loads(r[4]) if r[4] else None,
+                "id": int(r[0]),
+                "resourceType": r[1],
+                "key": r[2],
+                "operation": r[6],
+                "status": r[3],
+                "message": r[4],
+                "outcome": orjson.loads(r[5]) if r[5] else None,
             }
             for r in self.db.execute(
-                "SELECT rtype, bkey, status, message, outcome FROM dead_letters "
-                "ORDER BY rtype, bkey"
+                "SELECT rowid, rtype, bkey, status, message, outcome, operation "
+                "FROM dead_letters ORDER BY rtype, bkey"
             )
         ]
 
+    def dead_letter_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
+
     def retry_dead(self) -> int:
+        """Queue the dead letters again: each with the operation the server refused."""
         with self.transaction():
-            n = self.db.execute(
-                "UPDATE resources SET state = 'pending', attempts = 0 WHERE state = 'dead'"
+            deletes = self.db.execute(
+                "UPDATE resources SET state = 'delete', attempts = 0 WHERE state = 'dead' AND "
+                "(rtype, bkey) IN (SELECT rtype, bkey FROM dead_letters WHERE operation = 'DELETE')"
             ).rowcount
-        return int(n)
+            writes = self.db.execute(
+                "UPDATE resources SET state = 'pending', attempts = 0, last_error = NULL "
+                "WHERE state = 'dead' AND (rtype, bkey) IN (SELECT rtype, bkey FROM dead_letters "
+                "WHERE operation IS NULL OR operation != 'DELETE')"
+            ).rowcount
+        return int(deletes) + int(writes)
+
+    def drop_dead_letter(self, letter_id: int) -> dict[str, Any] | None:
+        """Acknowledge a dead letter: it leaves the list and is not sent again.
+
+        A refused deletion becomes a tombstone (the server keeps the resource; the outbox
+        remembers it was removed from the source); a refused write stays refused until its
+        content changes in the source."""
+        found = next((d for d in self.dead_letters() if d["id"] == letter_id), None)
+        if found is None:
+            return None
+        with self.transaction():
+            if found["operation"] == "DELETE":
+                self.db.execute(
+                    "UPDATE resources SET state = 'tombstone', last_error = NULL "
+                    "WHERE rtype = ? AND bkey = ? AND state = 'dead'",
+                    (found["resourceType"], found["key"]),
+                )
+            self._delete_letter(found["resourceType"], found["key"])
+        return found
+
+
+    # -- appended for the webhook layer (SPEC §8) ------------------------------------------
+    def by_server_id(self, rtype: str, server_id: str) -> Row | None:
+        """The row of the resource the server holds as ``rtype/server_id``."""
+        r = self.db.execute(
+            f"SELECT {_ROW_COLUMNS} FROM resources WHERE rtype = ? AND server_id = ?",  # noqa: S608
+            (rtype, server_id),
+        ).fetchone()
+        return None if r is None else Row(*r)
+
+    def adopt(
+        self,
+        rtype: str,
+        bkey: str,
+        local_id: str,
+        body: bytes,
+        server_id: str,
+        version: str | None,
+        source: str,
+    ) -> bool:
+        """Record that the server holds ``bkey`` as ``rtype/server_id`` (``version``) with
+        content equivalent to ``body`` - a resource written or changed on the server by someone
+        else (e.g. the EHR). References to it then resolve, and staging the same content later
+        sends nothing. A row with a change of its own still to send is left alone (False).
+        """
+        digest = content_hash(body)
+        with self.transaction():
+            row = self.row(rtype, bkey)
+            if row is None:
+                self.db.execute(
+                    "INSERT OR IGNORE INTO resources (rtype, bkey, local_id, seq, source, body, "
+                    "hash, state, server_id, version_id, sent_hash) "
+                    "VALUES (?, ?, ?, 0, ?, ?, ?, 'sent', ?, ?, ?)",
+                    (rtype, bkey, local_id, source, body, digest, server_id, version, digest),
+                )
+                return True
+            if row.state not in ("sent", "tombstone"):
+                return False
+            self.db.execute(
+                "UPDATE resources SET body = ?, hash = ?, sent_hash = ?, state = 'sent', "
+                "server_id = ?, version_id = ?, retracted = 0, last_error = NULL "
+                "WHERE rtype = ? AND bkey = ?",
+                (body, digest, digest, server_id, version, rtype, bkey),
+            )
+        return True
+
+
+class _Removals:
+    """Which records of each complete source this run did not emit (candidates for removal)."""
+
+    def __init__(
+        self,
+        existing: dict[tuple[str, str], _Existing],
+        seen: set[tuple[str, str]],
+        present: set[str],
+        refused_deletes: set[tuple[str, str]],
+    ) -> None:
+        self.existing = existing
+        self.seen = seen
+        self.present = present
+        self.refused_deletes = refused_deletes
+
+    def _live(self, key: tuple[str, str], old: _Existing) -> bool:
+        return not (
+            old.state in ("tombstone", "delete") or old.retracted or key in self.refused_deletes
+        )
+
+    def by_source(self) -> dict[str, list[tuple[str, str]]]:
+        out: dict[str, list[tuple[str, str]]] = {}
+        for key in sorted(self.existing.keys() - self.seen):
+            old = self.existing[key]
+            if old.source in self.present and self._live(key, old):
+                out.setdefault(old.source, []).append(key)
+        return out
+
+    def held(self, source: str) -> int:
+        """Records the outbox holds from ``source`` (before this run)."""
+        return sum(
+            1 for key, old in self.existing.items() if old.source == source and self._live(key, old)
+        )

@@ -1,4 +1,4 @@
-"""Behaviour of the in-memory FHIR R4 test server (Medplum engine + wrapper, tests/fhir_server)."""
+"""Behaviour of the in-memory FHIR R4 test server (Medplum engine + wrapper, fhir_adapter/fhir_server)."""
 
 from __future__ import annotations
 

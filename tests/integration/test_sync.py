@@ -290,6 +290,7 @@ class TestWholeSet:
             "extra": [],
             "differing": [],
             "duplicated": [],
+            "dangling": [],
             "repaired": 0,
         }
 
@@ -473,15 +474,22 @@ def test_reconcile_finds_and_repairs_a_resource_deleted_on_the_server(
     report = summary_of(adapter_cli.reconcile(), 65)
     assert report["missing"] == [f"{key[0]} {key[1]}"]
     assert report["extra"] == report["differing"] == report["duplicated"] == []
+    # its Provenance and the improvement still point at the deleted id
+    assert report["dangling"], report
 
     repaired = summary_of(adapter_cli.reconcile("--repair"))
-    assert repaired["repaired"] == 1
+    # the missing resource, and each resource that referred to its old id
+    referrers = {d.split(" -> ")[0] for d in report["dangling"]}
+    assert repaired["repaired"] == 1 + len(referrers)
+    assert repaired["sent"]["created"] == 1
+    assert repaired["sent"]["updated"] == len(referrers)
     assert summary_of(adapter_cli.reconcile())["missing"] == []
     assert summary_of(adapter_cli.reconcile()) == {
         "missing": [],
         "extra": [],
         "differing": [],
         "duplicated": [],
+        "dangling": [],
         "repaired": 0,
     }
     assert len(fhir_view.search("Observation", {"identifier": key[1]})) == 1
@@ -560,3 +568,39 @@ def test_unreachable_server_exits_69_and_loses_nothing(
     view = make_view(late_server.base_url)
     assert view.counts() == landed
     assert {k: len(v) for k, v in view.held(sorted(landed)).items() if len(v) != 1} == {}
+
+
+def test_a_file_that_suddenly_looks_empty_removes_nothing_without_allow_removals(
+    adapter_cli: AdapterCli, fhir_view: FhirView, data: Path
+) -> None:
+    """No silent mass removal (issue 9 item 6): a header-only masi.csv would retract every MASI
+    Observation; without --allow-removals none of masi.csv's removals are staged, the rest
+    still syncs, and the exit status is 65 — under --dry-run too."""
+    summary_of(adapter_cli.sync(data))
+    types = sorted(adapter_cli.outbox_counts())
+    masi = data / "masi.csv"
+    masi.write_text(masi.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+
+    dry = adapter_cli.sync(data, "--dry-run")
+    assert dry.code == 65, dry
+    refused = {r["file"]: r for r in dry.json["refused_removals"]}
+    assert "masi.csv" in refused
+    held = refused["masi.csv"]["held"]
+    assert refused["masi.csv"]["would_remove"] == held > 100
+    assert f"masi.csv would remove {held} of the {held} records the outbox holds" in dry.stderr
+    assert "--allow-removals" in dry.stderr
+    before = fhir_view.versions(types)
+
+    real = summary_of(adapter_cli.sync(data), 65)
+    assert {r["file"] for r in real["refused_removals"]} == set(refused)
+    assert not [k for k in real["removed"] if k.startswith("Observation") and "-masi" in k]
+    assert real["dead_lettered"] == real["undelivered"] == 0
+    assert fhir_view.count("Observation", {"status": "entered-in-error"}) == 0
+    after = fhir_view.versions(types)
+    assert after.keys() == before.keys()  # nothing deleted on the server
+
+    allowed = summary_of(adapter_cli.sync(data, "--allow-removals"))
+    assert allowed["refused_removals"] == []
+    # the MASI Observations retracted, their Provenance deleted
+    assert allowed["retracted"] + allowed["deleted"] >= held
+    assert fhir_view.count("Observation", {"status": "entered-in-error"}) > held // 2

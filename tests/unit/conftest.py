@@ -41,3 +41,46 @@ def release() -> Iterator[threading.Event]:
     yield event
     event.set()
     time.sleep(0.05)
+
+
+# -- webhook (server/) tests: the Flask app through its test client -----------------------------
+from pathlib import Path  # noqa: E402
+
+from flask import Flask  # noqa: E402
+from flask.testing import FlaskClient  # noqa: E402
+
+from fhir_adapter.settings import Settings  # noqa: E402
+from fhir_adapter.sync.inbox import Inbox  # noqa: E402
+from tests.webhook_helpers import SECRET, STANDARD_SECRET, TOKEN  # noqa: E402
+
+
+@pytest.fixture
+def webhook_settings(tmp_path: Path) -> Settings:
+    """Every authentication scheme enabled; a FHIR server nobody listens on (port 9)."""
+    return Settings(
+        outbox_path=tmp_path / "outbox.sqlite",
+        webhook_secret=SECRET,
+        webhook_token=TOKEN,
+        webhook_standard_secret=STANDARD_SECRET,
+        fhir_base_url="http://127.0.0.1:9/fhir/R4",
+        connect_timeout_s=0.5,
+    )
+
+
+@pytest.fixture
+def webhook_app(webhook_settings: Settings) -> Flask:
+    from server import create_app
+
+    return create_app(webhook_settings)
+
+
+@pytest.fixture
+def webhook(webhook_app: Flask) -> FlaskClient:
+    return webhook_app.test_client()
+
+
+@pytest.fixture
+def inbox(webhook_settings: Settings) -> Iterator[Inbox]:
+    """The inbox tables the app writes to (a connection of the test's own)."""
+    with Inbox(webhook_settings.outbox_path) as box:
+        yield box

@@ -19,7 +19,7 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from fhir_adapter.client import FhirClient
-from fhir_adapter.errors import AuthError
+from fhir_adapter.errors import AuthError, ConfigurationError
 from fhir_adapter.settings import Settings
 
 BASE = "/fhir/R4"
@@ -201,7 +201,10 @@ def test_permanent_401_is_auth_error_after_one_refresh(
     assert tokens.issued == ["tok1", "tok2"]
     assert fhir_calls(httpserver) == ["Bearer tok1", "Bearer tok2"]
     assert info.value.status == 401
-    assert "token expired" in str(info.value)
+    assert "error login" in str(info.value)
+    # the server's own words stay out of the message (they may quote personal data)
+    assert "token expired" not in str(info.value)
+    assert "token expired" in info.value.full_message
 
 
 def test_assertion_carries_the_key_id(
@@ -251,11 +254,93 @@ def test_token_endpoint_refusal_is_auth_error(
     assert fhir_calls(httpserver) == []  # no request without a token
 
 
-def test_missing_smart_settings_are_auth_errors(httpserver: HTTPServer) -> None:
-    with pytest.raises(AuthError, match="SMART_TOKEN_URL"):
-        FhirClient(Settings(fhir_base_url=httpserver.url_for(BASE), fhir_auth="smart"))
-    with pytest.raises(AuthError, match="FHIR_TOKEN"):
-        FhirClient(Settings(fhir_base_url=httpserver.url_for(BASE), fhir_auth="bearer"))
+def test_missing_auth_settings_are_configuration_errors(httpserver: HTTPServer) -> None:
+    base = httpserver.url_for(BASE)
+    with pytest.raises(
+        ConfigurationError, match="SMART_TOKEN_URL and FHIR_ADAPTER_SMART_CLIENT_ID"
+    ):
+        FhirClient(Settings(fhir_base_url=base, fhir_auth="smart"))
+    with pytest.raises(ConfigurationError, match="needs FHIR_ADAPTER_SMART_PRIVATE_KEY"):
+        FhirClient(
+            Settings(
+                fhir_base_url=base,
+                fhir_auth="smart",
+                smart_token_url="http://127.0.0.1:1/token",  # noqa: S106
+                smart_client_id=CLIENT_ID,
+            )
+        )
+    with pytest.raises(ConfigurationError, match="FHIR_TOKEN") as info:
+        FhirClient(Settings(fhir_base_url=base, fhir_auth="bearer"))
+    assert info.value.exit_code == 66
+    with pytest.raises(ConfigurationError, match="FHIR_TOKEN"):
+        FhirClient(Settings(fhir_base_url=base, fhir_auth="bearer", fhir_token="  "))  # noqa: S106
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["not a key", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"],
+    ids=["garbage", "broken-pem"],
+)
+def test_unusable_smart_key_is_a_configuration_error_at_start(
+    httpserver: HTTPServer, rsa_key: rsa.RSAPrivateKey, key: str
+) -> None:
+    tokens = TokenEndpoint(httpserver, rsa_key)
+    with pytest.raises(ConfigurationError, match="not a PEM private key usable with RS384") as info:
+        FhirClient(smart_settings(httpserver, tokens, key))
+    assert key not in str(info.value)
+    assert tokens.assertions == []  # nothing was sent anywhere
+
+
+def test_ec_algorithm_with_an_rsa_key_is_a_configuration_error(
+    httpserver: HTTPServer, rsa_key: rsa.RSAPrivateKey, private_pem: str
+) -> None:
+    tokens = TokenEndpoint(httpserver, rsa_key)
+    with pytest.raises(ConfigurationError, match="ES384"):
+        FhirClient(smart_settings(httpserver, tokens, private_pem, smart_algorithm="ES384"))
+
+
+def test_unreadable_key_file_is_a_configuration_error(
+    httpserver: HTTPServer, rsa_key: rsa.RSAPrivateKey, tmp_path: Any
+) -> None:
+    tokens = TokenEndpoint(httpserver, rsa_key)
+    cfg = smart_settings(httpserver, tokens, "", smart_private_key=None,
+                         smart_private_key_path=tmp_path / "missing.pem")  # fmt: skip
+    with pytest.raises(ConfigurationError, match="SMART_PRIVATE_KEY_PATH cannot be read"):
+        FhirClient(cfg)
+
+
+@pytest.mark.parametrize(
+    ("over", "named"),
+    [
+        ({"fhir_base_url": "http://fhir.hospital.example/fhir/R4"}, "FHIR_BASE_URL"),
+        ({"smart_token_url": "http://auth.hospital.example/token"}, "SMART_TOKEN_URL"),
+    ],
+    ids=["fhir-server", "token-endpoint"],
+)
+def test_credentials_never_travel_over_plain_http_beyond_loopback(
+    httpserver: HTTPServer,
+    rsa_key: rsa.RSAPrivateKey,
+    private_pem: str,
+    over: dict[str, str],
+    named: str,
+) -> None:
+    tokens = TokenEndpoint(httpserver, rsa_key)
+    with pytest.raises(ConfigurationError, match=f"{named} is plain http") as info:
+        FhirClient(smart_settings(httpserver, tokens, private_pem, **over))
+    assert "use https" in str(info.value)
+    bearer = Settings(fhir_base_url="http://10.1.2.3/fhir", fhir_auth="bearer", fhir_token=BEARER)
+    with pytest.raises(ConfigurationError, match=r"plain http to 10\.1\.2\.3"):
+        FhirClient(bearer)
+    # https anywhere, and http to this machine, are fine
+    FhirClient(
+        Settings(fhir_base_url="https://10.1.2.3/fhir", fhir_auth="bearer", fhir_token=BEARER)
+    ).close()
+    FhirClient(
+        Settings(fhir_base_url="http://localhost:1/fhir", fhir_auth="bearer", fhir_token=BEARER)
+    ).close()
+    FhirClient(
+        Settings(fhir_base_url="http://[::1]:1/fhir", fhir_auth="bearer", fhir_token=BEARER)
+    ).close()
 
 
 # -- static bearer ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fhir_adapter.testserver import SERVER_DIR, ensure_installed
+from fhir_adapter.testserver import ensure_installed
 from fhir_adapter.trial import default_mappings_dir
 
 # Systems of fhir.yaml `codings` that FHIR R4 4.0.1 does not define, with where their codes come
@@ -35,8 +35,9 @@ NOT_IN_R4 = {
 
 @pytest.fixture(scope="module")
 def r4() -> Path:
-    ensure_installed(SERVER_DIR)  # npm ci from the committed lock file when missing or stale
-    path = SERVER_DIR / "node_modules" / "@medplum" / "definitions" / "dist" / "fhir" / "r4"
+    run_dir = ensure_installed()  # npm ci from the committed lock file when missing or stale
+    # node_modules sits beside the scripts' directory (Node resolves imports upwards)
+    path = run_dir.parent / "node_modules" / "@medplum" / "definitions" / "dist" / "fhir" / "r4"
     version = (path / "version.info").read_text(encoding="utf-8")
     assert "FhirVersion=4.0.1" in version
     return path

@@ -24,3 +24,6 @@ def test_wheel_carries_mappings_and_entry_point(tmp_path: Path) -> None:
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "fhir-adapter = fhir_adapter.cli:main" in text
     assert not any(n.startswith("tests/") for n in names)
+    # the webhook layer (SPEC §8) ships beside the library
+    for module in ("__init__", "auth", "ingest", "notify", "openapi", "ops"):
+        assert f"server/{module}.py" in names

@@ -1,0 +1,241 @@
+"""The outbox on its own (issue 8 item 4, issue 9 item 6): no silent mass removal per source
+file, one writer at a time, the schema upgrade, the dry run's copy."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fhir_adapter.errors import OutboxBusy
+from fhir_adapter.jsonout import dumpb
+from fhir_adapter.sync.outbox import Outbox, RefusedRemoval, lock_path, writer_lock
+
+OBS = "urn:nct06677931:observation"
+PAT = "urn:nct06677931:patient"
+
+
+def obs(value: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": value,
+        "meta": {"tag": [{"system": OBS, "code": value}]},
+        "status": "final",
+    }
+
+
+def pat(value: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "id": value,
+        "meta": {"tag": [{"system": PAT, "code": value}]},
+    }
+
+
+def stage(
+    outbox: Outbox,
+    masi: int | range,
+    patients: int | range = 0,
+    *,
+    present: tuple[str, ...] = ("masi", "participants"),
+    **kw: Any,
+) -> Any:
+    masi_ids = range(masi) if isinstance(masi, int) else masi
+    patient_ids = range(patients) if isinstance(patients, int) else patients
+    items = [("masi", obs(f"M{i}"), dumpb(obs(f"M{i}"))) for i in masi_ids]
+    items += [("participants", pat(f"S{i}"), dumpb(pat(f"S{i}"))) for i in patient_ids]
+    return outbox.stage(items, lambda: set(present), "R4", **kw)
+
+
+def landed(outbox: Outbox) -> None:
+    """Pretend every row landed (so that removals have something to remove)."""
+    for row in outbox.to_send():
+        outbox.mark_sent(row, f"srv-{row.local_id}", "1")
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Any:
+    with Outbox(tmp_path / "outbox.sqlite") as box:
+        yield box
+
+
+# -- no silent mass removal --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("held", "kept", "refused"),
+    [
+        (10, 7, False),  # 30 % but only 3 records: fine
+        (30, 24, False),  # exactly 20 %: fine
+        (30, 23, True),  # 7 of 30 (23 %): refused
+        (3, 0, True),  # the file yields nothing: refused, however few
+        (2590, 0, True),  # a header-only masi.csv
+    ],
+)
+def test_a_file_may_not_remove_too_much_of_what_it_holds(
+    outbox: Outbox, held: int, kept: int, refused: bool
+) -> None:
+    stage(outbox, held)
+    landed(outbox)
+    result = stage(outbox, kept)
+    if refused:
+        assert result.refused_removals == [RefusedRemoval("masi", held - kept, held)]
+        assert result.removed_keys == []
+        assert result.retracted == 0
+        assert outbox.to_send() == []
+    else:
+        assert result.refused_removals == []
+        assert len(result.removed_keys) == held - kept
+        assert result.retracted == held - kept
+
+
+def test_refused_removals_of_one_file_leave_the_rest_of_the_sync_alone(outbox: Outbox) -> None:
+    stage(outbox, 30, 10)
+    landed(outbox)
+    # masi.csv lost 20 rows (refused); participants.csv lost 1 and gained 1 (staged)
+    result = stage(outbox, range(10), range(1, 11))
+    assert result.refused_removals == [RefusedRemoval("masi", 20, 30)]
+    assert result.removed_keys == [("Patient", f"{PAT}|S0")]
+    assert result.new == 1
+    states = {(r.rtype, r.bkey): r.state for r in outbox.to_send()}
+    assert states == {("Patient", f"{PAT}|S0"): "delete", ("Patient", f"{PAT}|S10"): "pending"}
+
+
+def test_allow_removals_stages_them(outbox: Outbox) -> None:
+    stage(outbox, 30)
+    landed(outbox)
+    result = stage(outbox, 0, allow_removals=True)
+    assert result.refused_removals == []
+    assert result.retracted == 30
+
+
+def test_the_share_is_a_setting(outbox: Outbox) -> None:
+    stage(outbox, 30)
+    landed(outbox)
+    assert stage(outbox, 20, max_removal_share=0.5).refused_removals == []
+
+
+def test_absent_files_and_other_sources_remove_nothing(outbox: Outbox) -> None:
+    items = [("webhook", obs("W1"), dumpb(obs("W1")))]
+    outbox.stage(items, lambda: set(), "R4")
+    stage(outbox, 30)
+    landed(outbox)
+    result = stage(outbox, 0, present=("participants",))  # masi.csv absent
+    assert result.refused_removals == result.removed_keys == []
+    result = stage(outbox, 30)  # webhook records are never removed by a directory
+    assert result.removed_keys == []
+
+
+# -- one writer --------------------------------------------------------------------------------
+def test_a_second_writer_waits_for_the_first(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    order: list[str] = []
+    held = threading.Event()
+
+    def first() -> None:
+        with writer_lock(path, 5):
+            held.set()
+            time.sleep(0.3)
+            order.append("first done")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    held.wait(5)
+    with writer_lock(path, 5):
+        order.append("second in")
+    thread.join()
+    assert order == ["first done", "second in"]
+
+
+def test_a_second_writer_gives_up_after_the_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    with writer_lock(path, 1):
+        started = time.monotonic()
+        with pytest.raises(OutboxBusy) as info, writer_lock(path, 0.2):
+            pass
+        assert 0.2 <= time.monotonic() - started < 2
+    import os
+
+    assert info.value.exit_code == 69
+    assert f"in use by another writer (process {os.getpid()})" in str(info.value)
+    with Outbox(path) as box, box.writer_lock(0):  # free again
+        pass
+
+
+def test_the_lock_dies_with_its_process(tmp_path: Path) -> None:
+    """SIGKILL leaves no stale lock: the OS releases it."""
+    path = tmp_path / "outbox.sqlite"
+    code = (
+        "import sys, time; from pathlib import Path;"
+        "from fhir_adapter.sync.outbox import writer_lock\n"
+        f"with writer_lock(Path({str(path)!r}), 1):\n"
+        "    print('locked', flush=True); time.sleep(60)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "locked"
+            with pytest.raises(OutboxBusy), writer_lock(path, 0.1):
+                pass
+            proc.kill()
+            proc.wait(10)
+            with writer_lock(path, 2):
+                assert lock_path(path).exists()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+# -- schema and copies -------------------------------------------------------------------------
+def test_a_schema_1_outbox_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema_version', '1');"
+        "CREATE TABLE dead_letters (rtype TEXT NOT NULL, bkey TEXT NOT NULL, status INTEGER,"
+        " message TEXT NOT NULL, outcome TEXT, PRIMARY KEY (rtype, bkey));"
+        "INSERT INTO dead_letters VALUES ('Patient', 'k', 400, 'refused', NULL);"
+    )
+    db.commit()
+    db.close()
+    with Outbox(path) as box:
+        assert box.get_meta("schema_version") == "2"
+        (letter,) = box.dead_letters()
+        assert (letter["key"], letter["operation"]) == ("k", None)
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    from fhir_adapter.errors import ConfigurationError
+
+    path = tmp_path / "new.sqlite"
+    with Outbox(path) as box:
+        box.set_meta("schema_version", "99")
+    with pytest.raises(ConfigurationError, match="newer than this adapter"):
+        Outbox(path)
+
+
+def test_copy_leaves_the_source_untouched(outbox: Outbox, tmp_path: Path) -> None:
+    stage(outbox, 3)
+    before = outbox.path.read_bytes()
+    target = tmp_path / "copy.sqlite"
+    Outbox.copy(outbox.path, target)
+    with Outbox(target) as copy:
+        assert len(copy.to_send()) == 3
+        stage(copy, 5)
+    assert len(outbox.to_send()) == 3
+    assert outbox.path.read_bytes() == before
+
+
+def test_requeue_referrers_finds_bodies_that_refer_to_a_resource(outbox: Outbox) -> None:
+    referrer = {**obs("M1"), "subject": {"reference": "Patient/S1"}}
+    other = {**obs("M2"), "subject": {"reference": "Patient/S2"}}
+    outbox.stage([("masi", r, dumpb(r)) for r in (pat("S1"), referrer, other)], lambda: set(), "R4")
+    landed(outbox)
+    assert outbox.requeue_referrers("Patient", "S1") == [("Observation", f"{OBS}|M1")]
+    assert [(r.rtype, r.local_id) for r in outbox.to_send()] == [("Observation", "M1")]
