@@ -12,6 +12,7 @@ import sys
 
 from fhir_adapter.cli import data as _data  # noqa: F401 - registers the data commands
 from fhir_adapter.cli import demo as _demo  # noqa: F401 - registers demo
+from fhir_adapter.cli import export as _export  # noqa: F401 - registers export
 from fhir_adapter.cli import fhir as _fhir  # noqa: F401 - registers map
 from fhir_adapter.cli import query as _query  # noqa: F401 - registers view and query
 from fhir_adapter.cli import report as _report  # noqa: F401 - registers report
