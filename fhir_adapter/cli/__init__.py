@@ -15,6 +15,7 @@ from fhir_adapter.cli import demo as _demo  # noqa: F401 - registers demo
 from fhir_adapter.cli import export as _export  # noqa: F401 - registers export
 from fhir_adapter.cli import fhir as _fhir  # noqa: F401 - registers map
 from fhir_adapter.cli import query as _query  # noqa: F401 - registers view and query
+from fhir_adapter.cli import report as _report  # noqa: F401 - registers report
 from fhir_adapter.cli import serve as _serve  # noqa: F401 - registers serve, worker, subscribe
 from fhir_adapter.cli import sync as _sync  # noqa: F401 - registers sync and friends
 from fhir_adapter.cli.base import cli, echo_err

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import duckdb
 from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, user_errors
 from fhir_adapter.client import FhirClient
 from fhir_adapter.errors import InputUnreadable
-from fhir_adapter.query.engine import iter_rows, load_rows, quote, run_views, write_table
+from fhir_adapter.query.engine import load_rows, markdown_table, run_views, write_table
 from fhir_adapter.query.registry import load_view, tables_from_views, trial_constants, trial_views
 from fhir_adapter.query.sources import DEFAULT_PAGE_SIZE, NdjsonSource, ServerSource, Source
 from fhir_adapter.query.viewdef import View
@@ -194,27 +193,6 @@ def _write_all(
         write_table(con, name, "csv", out / "registry" / f"{name}.csv")
         markdown = markdown_table(con, name)
         (out / "registry" / f"{name}.md").write_text(markdown, encoding="utf-8")
-
-
-def markdown_table(con: duckdb.DuckDBPyConnection, table: str) -> str:
-    """A registry table as a GitHub-flavoured Markdown table (a title line, then the table)."""
-    rows = list(iter_rows(con, table))
-    names = [str(r[0]) for r in con.execute(f"DESCRIBE {quote(table)}").fetchall()]
-    lines = [f"# {table}", "", "| " + " | ".join(names) + " |"]
-    lines.append("|" + "|".join("---" for _ in names) + "|")
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row[n]) for n in names) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, Decimal):
-        return format(value, "f")
-    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 __all__ = ["markdown_table", "query_command", "view_command"]

@@ -22,7 +22,6 @@ from fhir_adapter.domain import (
     PgaAssessment,
     SatisfactionResponse,
 )
-from fhir_adapter.domain.records import AeTerm
 from fhir_adapter.eligibility import CriterionState, EligibilityResult
 from fhir_adapter.mapping.context import MappingContext, Resource
 from fhir_adapter.mapping.terminology import Coding
@@ -598,18 +597,16 @@ def severity_coding(ctx: MappingContext, grade: int) -> list[dict[str, str]]:
 
 
 def ae_event_concept(ctx: MappingContext, event: AdverseEvent) -> dict[str, Any]:
-    """The event: verified codings only; the source term as text.
+    """The event: verified SNOMED CT / MedDRA codings, then the protocol's term in the trial
+    code system (always: registries group on it); the source term as text.
 
-    ``other`` is coded ``other`` in the trial code system. Free text (``term_text``) is
-    personal data: the hospital target carries it as the text, the registry target the term's
-    display ("Other" for ``other``).
+    ``other`` has no external code: it is coded ``other`` in the trial code system. Free text
+    (``term_text``) is personal data: the hospital target carries it as the text, the registry
+    target the term's display ("Other" for ``other``).
     """
-    concept: dict[str, Any] = {}
-    if event.term is AeTerm.OTHER:
-        concept["coding"] = [ctx.terminology.trial_coding("other")]
     term = ctx.terminology.ae_term(event.term.value)
-    if term.codings:
-        concept["coding"] = [dict(c) for c in term.codings]
+    codings = [dict(c) for c in term.codings]
+    concept: dict[str, Any] = {"coding": [*codings, ctx.terminology.trial_coding(term.token)]}
     hospital_text = event.term_text if ctx.target == "hospital" else None
     concept["text"] = hospital_text or term.display
     return concept

@@ -182,6 +182,12 @@ class Terminology:
         missing = [t.value for t in AeTerm if t.value not in terms]
         if missing:
             raise ConfigurationError(f"{source}: terms: missing {', '.join(missing)}")
+        uncoded = [str(t) for t in terms if str(t) not in self.concepts]
+        if uncoded:  # every event carries its term in the trial code system
+            raise ConfigurationError(
+                f"{self._sources['codesystem']}: concepts: no code for the adverse-event "
+                f"term(s) {', '.join(uncoded)} of {source}"
+            )
         _require(self.ae_map, source, "meddra_version")
         sources = self.ae_map.get("sources") or {}
         for token, entry in terms.items():

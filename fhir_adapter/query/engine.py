@@ -297,10 +297,32 @@ def views_by_name(views: Iterable[View]) -> Mapping[str, View]:
     return {v.name: v for v in views}
 
 
+def markdown_table(con: duckdb.DuckDBPyConnection, table: str) -> str:
+    """A table as a GitHub-flavoured Markdown table (a title line, then the table)."""
+    rows = list(iter_rows(con, table))
+    names = [str(r[0]) for r in con.execute(f"DESCRIBE {quote(table)}").fetchall()]
+    lines = [f"# {table}", "", "| " + " | ".join(names) + " |"]
+    lines.append("|" + "|".join("---" for _ in names) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(_markdown_cell(row[n]) for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
 __all__ = [
     "column_type",
     "iter_rows",
     "load_rows",
+    "markdown_table",
     "plain_decimal",
     "quote",
     "run_view",

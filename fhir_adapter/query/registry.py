@@ -4,7 +4,8 @@
   Settings (``FHIR_ADAPTER_IDENTIFIER_BASE``) and ``codes`` (the trial code system's URL) from
   ``mappings/codesystem.yaml``.
 - :func:`registry_tables` runs every trial view over a source into DuckDB, adds the ``arms`` and
-  ``visits`` of ``mappings/study.yaml`` as tables (R4 ``assignedArm`` carries the arm's name; the
+  ``visits`` of ``mappings/study.yaml`` and the adverse-event terms of
+  ``mappings/adverse_events.yaml`` as tables (R4 ``assignedArm`` carries the arm's name; the
   registry tables name arms by id), then runs each registry query (``mappings/views/*.sql``, one
   table named as its file).
 
@@ -27,6 +28,7 @@ import duckdb
 import yaml
 
 from fhir_adapter.errors import ConfigurationError, InputUnreadable
+from fhir_adapter.mapping.terminology import Terminology
 from fhir_adapter.query.engine import quote, run_views, table_rows
 from fhir_adapter.query.sources import Source
 from fhir_adapter.query.viewdef import Row, View, ViewDefinitionError, compile_view
@@ -113,8 +115,13 @@ class RegistryTables:
         self.con.close()
 
 
-def add_trial_tables(con: duckdb.DuckDBPyConnection, trial: Trial) -> None:
-    """``arms`` (arm, arm_name, arm_order) and ``visits_of_study`` (visit, visit_code, ...)."""
+def add_trial_tables(
+    con: duckdb.DuckDBPyConnection, trial: Trial, terminology: Terminology | None = None
+) -> None:
+    """``arms`` (arm, arm_name, arm_order), ``study_visits`` (visit, visit_code, visit_order,
+    offset_days, visit_label, window_from_day, window_to_day: days after the first treatment)
+    and ``ae_terms`` (term, term_display, term_order: the SPEC §3 tokens in the order of
+    adverse_events.yaml)."""
     con.execute("CREATE OR REPLACE TABLE arms (arm VARCHAR, arm_name VARCHAR, arm_order INTEGER)")
     con.executemany(
         "INSERT INTO arms VALUES (?, ?, ?)",
@@ -122,11 +129,23 @@ def add_trial_tables(con: duckdb.DuckDBPyConnection, trial: Trial) -> None:
     )
     con.execute(
         "CREATE OR REPLACE TABLE study_visits (visit VARCHAR, visit_code VARCHAR, "
-        "visit_order INTEGER, offset_days INTEGER)"
+        "visit_order INTEGER, offset_days INTEGER, visit_label VARCHAR, "
+        "window_from_day INTEGER, window_to_day INTEGER)"
     )
     con.executemany(
-        "INSERT INTO study_visits VALUES (?, ?, ?, ?)",
-        [(v.id, f"visit-{v.id}", i, v.offset_days) for i, v in enumerate(trial.visits)],
+        "INSERT INTO study_visits VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (v.id, f"visit-{v.id}", i, v.offset_days, v.label, *trial.window(v.id))
+            for i, v in enumerate(trial.visits)
+        ],
+    )
+    terms = (terminology or Terminology(trial)).ae_map["terms"]
+    con.execute(
+        "CREATE OR REPLACE TABLE ae_terms (term VARCHAR, term_display VARCHAR, term_order INTEGER)"
+    )
+    con.executemany(
+        "INSERT INTO ae_terms VALUES (?, ?, ?)",
+        [(str(t), str(e["display"]), i) for i, (t, e) in enumerate(terms.items())],
     )
 
 
@@ -158,7 +177,8 @@ def tables_from_views(
     con: duckdb.DuckDBPyConnection, views: list[str], settings: Settings
 ) -> RegistryTables:
     """The registry queries over view tables already in ``con`` (from any engine)."""
-    add_trial_tables(con, load_trial(settings.mappings_dir))
+    trial = load_trial(settings.mappings_dir)
+    add_trial_tables(con, trial, Terminology(trial, settings.mappings_dir))
     queries = run_queries(con, query_files(settings))
     return RegistryTables(con, views, queries)
 

@@ -210,16 +210,10 @@ def test_outcomes_per_arm_and_visit_match_scoring(synced: Synced, expected: Expe
 def test_ae_incidence_per_arm_and_term_matches_scoring(synced: Synced, expected: Expected) -> None:
     terminology = Terminology(expected.trial)
     want: dict[tuple[str, str], dict[str, str]] = {}
-    others = [e for e in expected.events if e.term.value == "other"]
-    coded = [e for e in expected.events if e.term.value != "other"]
-    summaries = [(r, terminology.ae_term(r.term).display) for r in
-                 summarize_adverse_events(expected.participants, coded)]  # fmt: skip
-    # the registry target codes every 'other' event as the trial's `other`, text "Other"
-    # (its free text stays in the hospital target only)
-    summaries += [(r, "Other") for r in summarize_adverse_events(expected.participants, others)]
-    for row, term in summaries:
+    # every event carries its SPEC §3 term in the trial code system ('other' included)
+    for row in summarize_adverse_events(expected.participants, expected.events):
         incidence = row.incidence_pct
-        want[(row.arm, term)] = {
+        want[(row.arm, row.term)] = {
             "events": str(row.events),
             "participants": str(row.participants),
             "participants_in_arm": str(row.participants_in_arm),
@@ -233,6 +227,9 @@ def test_ae_incidence_per_arm_and_term_matches_scoring(synced: Synced, expected:
         (r["arm"], r["term"]): _canon({k: r[k] for k in next(iter(want.values()))}) for r in table
     }
     assert got == {k: _canon(v) for k, v in want.items()}
+    assert {r["term_display"] for r in table} == {
+        terminology.ae_term(term).display for _, term in want
+    }
     # the denominators count every enrolled participant of the arm, withdrawn ones included
     enrolled = defaultdict(int)
     for arm in expected.arm_of.values():

@@ -524,11 +524,17 @@ def test_golden_participants_satisfaction_and_events(g: dict[str, Resource]) -> 
         group = g[f"MeasureReport/satisfaction-m1-{rid}"]["group"][0]
         assert [p["count"] for p in group["population"]] == [num, den]
         assert Decimal(group["measureScore"]["value"]) == Decimal(rate)
-    # AE0001 burning: no code (both candidates are review: true, no published evidence), grade
+    # AE0001 burning: no SNOMED CT / MedDRA code (both candidates are review: true, no
+    # published evidence), only the protocol's term in the trial code system; grade
     # 2 -> moderate, recovered -> resolved; suspect laser (combo arm): the causality
     # (possibly_related -> Possible) on the laser Device only, the source word kept
     ae1 = g["AdverseEvent/AE0001"]
-    assert ae1["event"] == {"text": "Burning sensation"}
+    assert ae1["event"] == {
+        "coding": [
+            {"system": "urn:nct06677931:codes", "code": "burning", "display": "Burning sensation"}
+        ],
+        "text": "Burning sensation",
+    }
     assert ae1["seriousness"]["coding"][0]["code"] == "Non-serious"
     assert [c["code"] for c in ae1["severity"]["coding"]] == ["moderate", "2"]
     assert ae1["outcome"]["coding"][0]["code"] == "resolved"
@@ -565,12 +571,18 @@ def test_golden_participants_satisfaction_and_events(g: dict[str, Resource]) -> 
     # ... recorded at m1, whose Encounter still starts on its first MASI (2025-02-09), not on
     # the AE's onset (2025-01-11)
     assert g["Encounter/S001-m1"]["period"] == {"start": "2025-02-09"}
-    # AE0002 irritation: no code at all (the only candidate needs review), text only; grade 3 ->
+    # AE0002 irritation: no external code (the only candidate needs review), the trial term
+    # code and the text; grade 3 ->
     # severe, serious -> Serious, not recovered -> ongoing (no course extension); no suspect
     # stated: both interventions of the combo arm, neither with causality, and the one judgement
     # (unrelated -> no WHO-UMC code) in the trial extension; no visit
     ae2 = g["AdverseEvent/AE0002"]
-    assert ae2["event"] == {"text": "Skin irritation"}
+    assert ae2["event"] == {
+        "coding": [
+            {"system": "urn:nct06677931:codes", "code": "irritation", "display": "Skin irritation"}
+        ],
+        "text": "Skin irritation",
+    }
     assert ae2["seriousness"]["coding"][0]["code"] == "Serious"
     assert [c["code"] for c in ae2["severity"]["coding"]] == ["severe", "3"]
     assert ae2["outcome"]["coding"][0]["code"] == "ongoing"

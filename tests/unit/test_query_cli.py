@@ -114,8 +114,8 @@ def test_query_writes_views_and_registry_tables(tmp_path: Path) -> None:
     # golden data: S001 (combo, withdrawn) has two events, S002 (laser) none
     assert [(r["arm"], r["term"], r["events"], r["participants_in_arm"], r["incidence_pct"],
              r["max_grade"], r["serious_events"]) for r in table] == [
-        ("combo", "Burning sensation", "1", "1", "100", "2", "0"),
-        ("combo", "Skin irritation", "1", "1", "100", "3", "1"),
+        ("combo", "burning", "1", "1", "100", "2", "0"),
+        ("combo", "irritation", "1", "1", "100", "3", "1"),
     ]  # fmt: skip
     md = (tmp_path / "out" / "registry" / "outcomes_by_arm_visit.md").read_text()
     assert md.startswith("# outcomes_by_arm_visit\n\n| arm | arm_name | visit | n |")
