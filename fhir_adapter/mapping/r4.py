@@ -161,17 +161,14 @@ def ae_suspect_entities(
 
 
 def ae_r4_extensions(ctx: MappingContext, event: AdverseEvent) -> list[dict[str, Any]]:
-    """The trial causality extension, the course (R5 occurrence) and the action taken."""
+    """The trial causality extension, the course (resolution date) and the action taken."""
     term = ctx.terminology
     extensions = ae_extensions(ctx, event)
     if event.resolved_on is not None:
         extensions.append(
             {
-                "url": term.external_extension("ae_occurrence_r4"),
-                "valuePeriod": {
-                    "start": event.onset_on.isoformat(),
-                    "end": event.resolved_on.isoformat(),
-                },
+                "url": term.external_extension("ae_resolve_date_r4"),
+                "valueDateTime": event.resolved_on.isoformat(),
             }
         )
     action = ae_action_taken(ctx, event)

@@ -280,7 +280,7 @@ def test_extensions_by_url_with_their_own_rules(
     rules: DeidRules, trial: Trial, tmp_path: Path
 ) -> None:
     causality = "urn:nct06677931/StructureDefinition/ae-causality-study-treatment"
-    occurrence = "http://hl7.org/fhir/5.0/StructureDefinition/extension-AdverseEvent.occurrence"
+    occurrence = "http://hl7.org/fhir/uv/ae-research-backport-ig/StructureDefinition/resolve-date"
     event = {
         "resourceType": "AdverseEvent",
         "id": "AE0001",
@@ -289,7 +289,7 @@ def test_extensions_by_url_with_their_own_rules(
         "subject": {"reference": "Patient/S001"},
         "date": "2024-09-10",
         "extension": [
-            {"url": occurrence, "valuePeriod": {"start": "2024-09-10", "end": "2024-09-20"}},
+            {"url": occurrence, "valueDateTime": "2024-09-20"},
             {
                 "url": causality,
                 "extension": [
@@ -314,7 +314,7 @@ def test_extensions_by_url_with_their_own_rules(
     end = (dt.date(2024, 9, 20) - dt.timedelta(days=days)).isoformat()
     assert clean["date"] == start
     assert clean["extension"] == [
-        {"url": occurrence, "valuePeriod": {"end": end, "start": start}},
+        {"url": occurrence, "valueDateTime": end},
         {
             "url": causality,
             "extension": [{"url": "productRelatedness", "valueString": "possibly_related"}],

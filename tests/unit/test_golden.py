@@ -560,11 +560,11 @@ def test_golden_participants_satisfaction_and_events(g: dict[str, Resource]) -> 
             ],
         }
     ]
-    # its course (resolved 2025-01-14) in the R5 occurrence cross-version extension
+    # its course: onset in `date`, resolved 2025-01-14 in the AE Research Backport extension
     assert ae1["extension"] == [
         {
-            "url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-AdverseEvent.occurrence",
-            "valuePeriod": {"start": "2025-01-11", "end": "2025-01-14"},
+            "url": "http://hl7.org/fhir/uv/ae-research-backport-ig/StructureDefinition/resolve-date",
+            "valueDateTime": "2025-01-14",
         }
     ]
     assert ae1["encounter"] == {"reference": "Encounter/S001-m1"}

@@ -80,7 +80,7 @@ EXPECTED_CAUSALITY: dict[str, str | None] = {
     "unrelated": None,
 }
 STUDY_TREATMENT_EXT = "urn:nct06677931/StructureDefinition/ae-causality-study-treatment"
-OCCURRENCE_EXT = "http://hl7.org/fhir/5.0/StructureDefinition/extension-AdverseEvent.occurrence"
+RESOLVE_DATE_EXT = "http://hl7.org/fhir/uv/ae-research-backport-ig/StructureDefinition/resolve-date"
 MITIGATING_EXT = (
     "http://hl7.org/fhir/uv/ae-research-backport-ig/StructureDefinition/mitigating-action"
 )
@@ -803,12 +803,11 @@ def assert_causality(ae: Resource, row: dict[str, str], arm: str) -> None:
 
 
 def assert_course(ae: Resource, row: dict[str, str]) -> None:
-    """R4 keeps resolved_on (the R5 occurrence Period as a cross-version extension)."""
-    periods = [e["valuePeriod"] for e in ae.get("extension", []) if e["url"] == OCCURRENCE_EXT]
-    if row["resolved_on"]:
-        assert periods == [{"start": row["onset_on"], "end": row["resolved_on"]}]
-    else:
-        assert periods == []
+    """R4 keeps the course: onset in ``date``, resolved_on in the AE Research Backport IG's
+    resolve-date extension."""
+    resolved = [e["valueDateTime"] for e in ae.get("extension", []) if e["url"] == RESOLVE_DATE_EXT]
+    assert ae["date"] == row["onset_on"]
+    assert resolved == ([row["resolved_on"]] if row["resolved_on"] else [])
 
 
 def test_causality_per_suspect_in_the_set(registry: Mapped) -> None:

@@ -259,7 +259,7 @@ def test_encounter_r5_shape(r5_out: ByType) -> None:
 
 
 # -- AdverseEvent ----------------------------------------------------------------------------
-OCCURRENCE_EXT = "http://hl7.org/fhir/5.0/StructureDefinition/extension-AdverseEvent.occurrence"
+RESOLVE_DATE_EXT = "http://hl7.org/fhir/uv/ae-research-backport-ig/StructureDefinition/resolve-date"
 STUDY_TREATMENT_EXT = "urn:nct06677931/StructureDefinition/ae-causality-study-treatment"
 
 
@@ -275,12 +275,12 @@ def test_adverse_event_r5_shape(r5_out: ByType, r4_out: ByType) -> None:
         for r4_only in ("event", "date", "severity"):
             assert r4_only not in ae
         assert ae["code"] == r4_ae["event"]
-        # the course: R5 has the element that R4 carries as the cross-version extension
-        r4_course = [
-            e["valuePeriod"] for e in r4_ae.get("extension", []) if e["url"] == OCCURRENCE_EXT
+        # the course: R5 has the Period that R4 carries as date + the resolve-date extension
+        r4_resolved = [
+            e["valueDateTime"] for e in r4_ae.get("extension", []) if e["url"] == RESOLVE_DATE_EXT
         ]
-        if r4_course:
-            assert ae["occurrencePeriod"] == r4_course[0]
+        if r4_resolved:
+            assert ae["occurrencePeriod"] == {"start": r4_ae["date"], "end": r4_resolved[0]}
             assert "occurrenceDateTime" not in ae
         else:
             assert ae["occurrenceDateTime"] == r4_ae["date"]
@@ -293,7 +293,7 @@ def test_adverse_event_r5_shape(r5_out: ByType, r4_out: ByType) -> None:
                 0
             ]
             in ("resolved", "resolvedWithSequelae", "fatal")
-            or r4_course
+            or r4_resolved
         ):
             assert ae["status"] == "completed"
         (ext,) = [e for e in ae["extension"] if e["url"] == SEVERITY_EXT]
