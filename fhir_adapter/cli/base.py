@@ -123,6 +123,21 @@ def _settings_problem(exc: Exception) -> str:
 pass_app = click.make_pass_decorator(AppContext)
 
 
+@contextmanager
+def progress_callback(desc: str, unit: str = "resources") -> Iterator[Any]:
+    """``on_progress(n)`` drawing a bar on stderr when it is a terminal; None otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit=unit, file=sys.stderr, leave=False)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
 def progress(iterable: Any, desc: str, unit: str = "rows") -> Any:
     """A progress bar on stderr when it is a terminal; the plain iterable otherwise."""
     if not sys.stderr.isatty():

@@ -8,7 +8,14 @@ from typing import Any
 
 import click
 
-from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, user_errors
+from fhir_adapter.cli.base import (
+    AppContext,
+    cli,
+    echo_err,
+    pass_app,
+    progress_callback,
+    user_errors,
+)
 from fhir_adapter.cli.fhir import mapping_context
 from fhir_adapter.client import FhirClient, check_base_url
 from fhir_adapter.errors import ConfigurationError, ExitCode
@@ -92,15 +99,6 @@ def _sender(settings: Settings, outbox: Outbox, client: FhirClient) -> Sender:
     )
 
 
-def _progress_bar() -> Any:
-    """Resources sent, on stderr when it is a terminal."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(desc="sending", unit="resources", file=sys.stderr, leave=False)
-
-
 @cli.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @_server_options
@@ -151,25 +149,20 @@ def sync(
         version: FhirVersion = settings.fhir_version
         ctx = mapping_context(app, version, target)
         intake = Intake(trial=app.trial, today=site_today(app.timezone), on_issue=echo_err)
-        bar = _progress_bar()
-        with FhirClient(settings) as client:
-            try:
-                result = sync_directory(
-                    directory,
-                    ctx=ctx,
-                    intake=intake,
-                    client=client,
-                    outbox_path=settings.outbox_path,
-                    bundle_size=settings.bundle_size,
-                    identity=settings.identity_strategy,
-                    dry_run=dry_run,
-                    allow_removals=allow_removals,
-                    threshold=app.threshold(None),
-                    on_progress=bar.update if bar is not None else None,
-                )
-            finally:
-                if bar is not None:
-                    bar.close()
+        with FhirClient(settings) as client, progress_callback("sending") as on_progress:
+            result = sync_directory(
+                directory,
+                ctx=ctx,
+                intake=intake,
+                client=client,
+                outbox_path=settings.outbox_path,
+                bundle_size=settings.bundle_size,
+                identity=settings.identity_strategy,
+                dry_run=dry_run,
+                allow_removals=allow_removals,
+                threshold=app.threshold(None),
+                on_progress=on_progress,
+            )
         summary = result.as_dict()
         if as_json:
             click.echo(dumps(summary))

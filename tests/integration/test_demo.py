@@ -34,6 +34,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
         "5. mapped to FHIR R4",
         "5. mapped to FHIR R5",
         "6. started the local FHIR",
+        "7. report of what the server holds (enrolled: combo 4, laser 4)",
+        "8. stopped the local FHIR server",
     ):
         assert step in text, text
     scored = re.search(r"3\. scored (\d+) subject x visits: .*mean-of-2 (\d+)", text)
@@ -50,6 +52,25 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert (out / "fhir" / "r4" / "bundles" / "bundle-0001.json").is_file()
     assert (out / "fhir" / "r5" / "all.ndjson").is_file()
     assert (out / "data" / "bad" / "README.md").is_file()
+    # the deliberately bad rows are shown with file, line, field and reason
+    assert re.search(r"bad/: \d+ rows rejected", text), text
+    assert re.search(r"^     participants\.csv:\d+: rejected: \w+: ", text, re.M), text
+    report = out / "report" / "report.html"
+    assert str(report.resolve()) in text
+    assert report.is_file()
+    assert (out / "report" / "summary.json").is_file()
+
+
+@pytest.mark.integration
+def test_a_second_demo_in_the_same_place_works(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    for _ in range(2):
+        result = subprocess.run(
+            [EXE, "demo", "--out", str(out), "--participants", "4"],
+            capture_output=True, text=True, check=False, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "8. stopped the local FHIR server" in result.stdout
 
 
 @pytest.mark.integration
