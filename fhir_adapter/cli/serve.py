@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, user_errors
-from fhir_adapter.cli.sync import _server_options, _settings
+from fhir_adapter.cli.sync import server_options, server_settings
 from fhir_adapter.client import FhirClient
 from fhir_adapter.errors import ConfigurationError, ServerError
 from fhir_adapter.jsonout import dumps
@@ -158,7 +158,7 @@ def _start_delivery(settings: Settings) -> subprocess.Popen[bytes]:
     is_flag=True,
     help="Receive only: run `fhir-adapter worker` elsewhere to deliver.",
 )
-@_server_options
+@server_options
 @pass_app
 def serve(
     app: AppContext,
@@ -175,7 +175,7 @@ def serve(
 
     Refuses to start without FHIR_ADAPTER_WEBHOOK_SECRET, _STANDARD_SECRET or _TOKEN.
     """
-    settings = _settings(app, server, auth, outbox, fhir_version)
+    settings = server_settings(app, server, auth, outbox, fhir_version)
     if workers:
         settings = settings.model_copy(update={"webhook_workers": workers})
     with user_errors():
@@ -202,7 +202,7 @@ def serve(
 
 
 @cli.command()
-@_server_options
+@server_options
 @click.option("--parent-pid", type=int, default=None, hidden=True)
 @pass_app
 def worker(
@@ -217,7 +217,7 @@ def worker(
 
     One per outbox (a second one refuses to start). Stops on SIGTERM or Ctrl-C.
     """
-    settings = _settings(app, server, auth, outbox, fhir_version)
+    settings = server_settings(app, server, auth, outbox, fhir_version)
     with user_errors():
         sys.exit(run_delivery(settings, parent_pid))
 
@@ -271,7 +271,7 @@ def subscribe(
 ) -> None:
     """Create (or update) the R4 rest-hook Subscription that tells the adapter when a rater's
     MASI Observation changes on the FHIR server. Prints its id."""
-    settings = _settings(app, server, None, None, None)
+    settings = server_settings(app, server, None, None, None)
     with user_errors():
         from fhir_adapter.sync.delivery import webhook_context
 

@@ -42,7 +42,8 @@ def _server_url(ctx: click.Context, param: click.Parameter, value: str | None) -
     return value
 
 
-def _server_options(f: Any) -> Any:
+def server_options(f: Any) -> Any:
+    """--server, --outbox, --fhir-version and --auth (every command that talks to a server)."""
     f = click.option(
         "--server",
         default=None,
@@ -70,8 +71,8 @@ def _server_options(f: Any) -> Any:
     )(f)
 
 
-def _settings(
-    app: AppContext,
+def server_settings(
+    app: AppContext,  # the Settings of the environment, with the command's options applied
     server: str | None,
     auth: str | None,
     outbox: Path | None,
@@ -101,7 +102,7 @@ def _sender(settings: Settings, outbox: Outbox, client: FhirClient) -> Sender:
 
 @cli.command()
 @click.argument("directory", type=click.Path(path_type=Path))
-@_server_options
+@server_options
 @click.option(
     "--target",
     type=click.Choice(["registry", "hospital"]),
@@ -142,7 +143,7 @@ def sync(
     or held back, or removals refused; 66 unreadable input or configuration; 69 records still
     undelivered (server unavailable, answers uncertain) or the outbox busy.
     """
-    settings = _settings(app, server, auth, outbox, fhir_version)
+    settings = server_settings(app, server, auth, outbox, fhir_version)
     if bundle_size:
         settings = settings.model_copy(update={"bundle_size": bundle_size})
     with user_errors():
@@ -231,7 +232,7 @@ def _send_status(send: SendSummary) -> ExitCode:
 
 
 @cli.command("reconcile")
-@_server_options
+@server_options
 @click.option("--repair", is_flag=True, help="Re-send what is missing, differs or dangles.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
@@ -246,7 +247,7 @@ def reconcile_command(
 ) -> None:
     """Compare the outbox with what the server holds: missing, extra, differing, duplicated
     resources and dangling references. Exit 65 when something is found (without --repair)."""
-    settings = _settings(app, server, auth, outbox, fhir_version)
+    settings = server_settings(app, server, auth, outbox, fhir_version)
     with user_errors():
         _require_outbox(settings.outbox_path)
         with Outbox(settings.outbox_path) as box, FhirClient(settings) as client:
@@ -325,7 +326,7 @@ def dead_letters_list(app: AppContext, path: Path | None) -> None:
 
 
 @dead_letters.command("retry")
-@_server_options
+@server_options
 @pass_app
 def dead_letters_retry(
     app: AppContext,
@@ -336,7 +337,7 @@ def dead_letters_retry(
 ) -> None:
     """Queue the dead letters again, each with the operation the server refused, and send
     them (and what was held back for them)."""
-    settings = _settings(app, server, auth, outbox, fhir_version)
+    settings = server_settings(app, server, auth, outbox, fhir_version)
     with user_errors():
         _require_outbox(settings.outbox_path)
         with (
