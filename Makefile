@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO_STAMP := $(VENV)/.demo-stamp
 DEMO_DIR ?= demo-output
 
-.PHONY: install test lint typecheck unit demo server clean
+.PHONY: install test lint typecheck unit demo server bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ demo: $(DEMO_STAMP)
 
 server: $(DEMO_STAMP)
 	$(BIN)/fhir-adapter test-server --port 8103
+
+# not part of `make test`: benchmarks/README.md says what it measures
+bench: install
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache .coverage
