@@ -11,7 +11,9 @@ The notifications pass through a transparent recording proxy (tests/faultproxy.p
 serve's `/fhir/notify`: it shows what HAPI sent, and it answers HAPI's first delivery of the
 change with a 500 *after* serve has taken it, so HAPI retries the same notification and serve
 receives it twice. The retry, an identical update on HAPI and a replay of HAPI's exact request
-add no version to anything; every business key is held once and every reference resolves.
+add no version to anything. Last, the other rating is marked entered-in-error on HAPI (which
+refuses to delete it) and the consensus follows the one left. Every business key is held once
+and every reference resolves.
 
 Identity strategy `client-id`, as the README recommends for HAPI (see test_hapi_sync.py).
 """
@@ -169,13 +171,16 @@ def test_hapis_subscription_drives_the_consensus(
     make_cli: type[AdapterCli],
     make_view: type[FhirView],
     serve_process: Callable[..., ServeProcess],
+    hapi_summary: list[str],
 ) -> None:
     base = hapi_reset
     data = tmp_path / "data"
     generate(data, n_participants=6, with_bad=False)
     outbox = tmp_path / "outbox.sqlite"
     cli = make_cli(base, outbox)
+    started = time.monotonic()
     synced = cli.sync(data, env=CLIENT_IDS)
+    sync_s = time.monotonic() - started
     assert synced.code == 0, synced
     types = sorted(cli.outbox_counts())
     view = make_view(base)
@@ -301,9 +306,29 @@ def test_hapis_subscription_drives_the_consensus(
         assert view.versions(types) == after
         assert len(deliveries(proxy, rater["id"])) == 2  # HAPI did not notify the no-op update
 
+        # HAPI refuses to delete a rating the consensus refers to (referential integrity); the
+        # EHR marks it entered-in-error instead: the consensus follows the one rating left
+        other = observation(base, f"{s}-{v}-masi-{target.rows[1]['rater_id']}")
+        gone = requests.delete(
+            f"{base}/Observation/{other['id']}", headers=FHIR_HEADERS, timeout=30
+        )
+        assert gone.status_code == 409, gone.text[:300]
+        started = time.monotonic()
+        put_on_hapi(base, {**other, "status": "entered-in-error"})
+        single = masi_of(target.changed()[0])
+        wait_for(lambda: number(observation(base, keys["masi"])) == single, DELIVERY_TIMEOUT_S)
+        retract_s = time.monotonic() - started
+        wait_for(lambda: settled(outbox), timeout=DELIVERY_TIMEOUT_S)
+        alone = observation(base, keys["masi"])
+        assert alone["status"] == "preliminary"  # one rater: preliminary, method single
+        assert alone["derivedFrom"] == [{"reference": f"Observation/{stored['id']}"}]
+        assert number(observation(base, keys["mmasi"])) == mmasi_of(target.changed()[0])
+        assert number(observation(base, keys["improvement"])) == improvement(baseline_masi, single)
+
     assert view.problems(types) == {}
     assert "Traceback" not in serve.log.read_text()
-    print(  # noqa: T201 - the figures the note quotes
-        f"\nHAPI subscription: subscribe (to active) {subscribe_s:.1f} s, "
-        f"change on HAPI to consensus on HAPI {follow_s:.1f} s"
+    hapi_summary.append(  # the figures the note quotes, in the test summary
+        f"Subscription end to end: sync {sync_s:.1f} s, subscribe (to active) {subscribe_s:.1f} s, "
+        f"rater changed on HAPI to consensus on HAPI {follow_s:.1f} s "
+        f"(entered-in-error: {retract_s:.1f} s)"
     )
