@@ -13,9 +13,10 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -25,6 +26,9 @@ from fhir_adapter.client import FhirClient
 from fhir_adapter.errors import ConfigurationError, ServerError
 from fhir_adapter.jsonout import dumps
 from fhir_adapter.settings import Settings
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +79,20 @@ def run_delivery(settings: Settings, parent_pid: int | None = None) -> int:
 
 
 # -- serve -----------------------------------------------------------------------------------
-def _gunicorn(settings: Settings, host: str, port: int, on_exit: Any) -> Any:
+def gunicorn_app(
+    settings: Settings,
+    host: str,
+    port: int,
+    on_exit: Any,
+    factory: Callable[[Settings], Flask] | None = None,
+) -> Any:
+    """The gunicorn application ``serve`` runs (``factory`` defaults to the webhook's
+    ``create_app``; the benchmark passes a bare app to run it under the very same options)."""
     from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 
     from server import create_app
+
+    make_app = factory or create_app
 
     options = {
         "bind": f"{host}:{port}",
@@ -107,7 +121,7 @@ def _gunicorn(settings: Settings, host: str, port: int, on_exit: Any) -> Any:
                 self.cfg.set("control_socket_disable", True)
 
         def load(self) -> Any:
-            app = create_app(settings)
+            app = make_app(settings)
             inner = app.wsgi_app
 
             def terminated(environ: dict[str, Any], start_response: Any) -> Any:
@@ -196,7 +210,7 @@ def serve(
                 delivery.kill()
 
         try:
-            _gunicorn(settings, host, port, stop_delivery).run()
+            gunicorn_app(settings, host, port, stop_delivery).run()
         finally:
             stop_delivery()
 
