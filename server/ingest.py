@@ -22,6 +22,7 @@ from fhir_adapter.sync.inbox import (
     KEY_FIELDS,
     PRIMARY_TYPE,
     InboxConflict,
+    InboxUnavailable,
     Replayed,
     RetractRefused,
     record_ident,
@@ -141,6 +142,14 @@ def _ingest(kind: str) -> Response:
     except Replayed:
         return outcome_response(
             401, [Problem("signature already used (replayed request)", "security")]
+        )
+    except InboxUnavailable:
+        # the commit that would have held the records failed: nothing kept, the sender retries
+        log.warning("ingest %s: the inbox could not commit (%d records, 503)", kind, len(records))
+        return outcome_response(
+            503,
+            [Problem("the records could not be stored (nothing was kept); retry", "transient")],
+            {"Retry-After": "5"},
         )
     except InboxConflict as exc:
         st.inbox.bump(f"rejected:{kind}", len(records))
