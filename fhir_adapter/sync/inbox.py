@@ -23,6 +23,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -223,6 +224,11 @@ class GroupCommit:
                 return
         self._lead(inbox)
 
+    def waiting(self) -> int:
+        """Requests queued for a commit (the one under way or the next)."""
+        with self._lock:
+            return len(self._queue)
+
     def _take(self) -> list[_Request]:
         with self._lock:
             batch, self._queue = self._queue, []
@@ -355,8 +361,10 @@ class Inbox:
         }
 
     def _next_seq(self) -> int:
-        self._bump("seq")
-        row = self.db.execute("SELECT value FROM inbox_counters WHERE name = 'seq'").fetchone()
+        row = self.db.execute(
+            "INSERT INTO inbox_counters (name, value) VALUES ('seq', 1) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + 1 RETURNING value"
+        ).fetchone()
         return int(row[0])
 
     # -- records ---------------------------------------------------------------------------
@@ -397,8 +405,12 @@ class Inbox:
             with self.transaction():
                 batch = take()
                 now = time.time()
+                accepted: Counter[str] = Counter()
                 for request in batch:
-                    self._apply(request, now)
+                    if self._apply(request, now):
+                        accepted[request.kind] += len(request.records)
+                for kind, n in accepted.items():  # one counter update per kind and batch
+                    self._bump(f"accepted:{kind}", n)
         except sqlite3.Error as exc:
             batch = batch or take()
             failure = InboxUnavailable(f"the inbox could not commit ({exc.__class__.__name__})")
@@ -406,23 +418,24 @@ class Inbox:
                 request.result, request.error = None, failure
         return batch
 
-    def _apply(self, request: _Request, now: float) -> None:
+    def _apply(self, request: _Request, now: float) -> bool:
+        """Write one request of a batch in a savepoint; False: refused (it kept nothing)."""
         self.db.execute("SAVEPOINT request")
         try:
             self._claim(request.claims)
             if request.kind == "masi":
                 self._check_raters(request.records)
             out = [self._upsert(request.kind, r, request.origin, now) for r in request.records]
-            self._bump(f"accepted:{request.kind}", len(request.records))
         except sqlite3.Error:
             raise  # the transaction itself is in doubt: the whole batch fails
         except Exception as exc:  # this request's own refusal (or bug): only it fails
             self.db.execute("ROLLBACK TO request")
             self.db.execute("RELEASE request")
             request.error = exc
-            return
+            return False
         self.db.execute("RELEASE request")
         request.result = out
+        return True
 
     def _check_raters(self, records: Sequence[Mapping[str, Any]]) -> None:
         wanted: dict[tuple[str, str], dict[str, int]] = {}
