@@ -60,7 +60,7 @@ def parse_body(body: bytes) -> list[dict[str, Any]] | Response:
 
 
 def _unknown_fields(kind: str, records: list[dict[str, Any]], st: AppState) -> list[Problem]:
-    known = set(KINDS[kind].columns(st.trial))
+    known = st.known_fields(kind)
     problems = []
     for index, record in enumerate(records):
         for name in record:
