@@ -4,7 +4,8 @@ One row per record **business key** (a participant's ``subject_id``; a rater MAS
 ``subject_id/visit/rater_id``; …): a record sent again is an update, never a duplicate. A row is
 committed (WAL, ``synchronous=FULL``) before the webhook answers ``202``, so an accepted record
 survives a killed process and an unreachable FHIR server; the delivery worker maps the rows
-and hands the resources to the outbox.
+and hands the resources to the outbox. Concurrent requests of one process share a commit
+(:class:`GroupCommit`: one fsync per batch, each request still all or none).
 
 The same database holds what every web worker process must share: the caches that refuse a
 replayed signature or an already seen ``webhook-id``, the request counters behind ``/metrics``
