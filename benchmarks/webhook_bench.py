@@ -83,7 +83,7 @@ def masi_record(n: int) -> dict[str, Any]:
 
 
 def signed_jobs(first: int, count: int) -> list[Job]:
-    """``count`` signed requests of one record each (SPEC §13 headers), records first.."""
+    """Signed requests (SPEC §13 headers) of one record each: records first .. first + count - 1."""
     jobs = []
     ts = str(int(time.time()))
     for n in range(first, first + count):
