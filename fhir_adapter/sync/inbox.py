@@ -236,20 +236,27 @@ class GroupCommit:
         return batch
 
     def _lead(self, inbox: Inbox) -> None:
-        batch: list[_Request] = []
+        taken: list[_Request] = []  # every request this leader took, whatever happens
+
+        def take() -> list[_Request]:
+            batch = self._take()
+            taken.extend(batch)
+            return batch
+
         try:
-            batch = inbox._commit_batch(self._take)
+            inbox._commit_batch(take)
         except BaseException as exc:  # not a database error (those fail the batch): a bug
-            batch = batch or self._take()
-            for request in batch:
-                request.result = None
-                request.error = exc if isinstance(exc, Exception) else InboxUnavailable(str(exc))
+            if not taken:
+                take()
+            failure = exc if isinstance(exc, Exception) else InboxUnavailable(type(exc).__name__)
+            for request in taken:
+                request.result, request.error = None, failure
             raise
         finally:
             with self._lock:
                 self.batches += 1
-                self.requests += len(batch)
-                for request in batch:
+                self.requests += len(taken)
+                for request in taken:
                     request.done = True
                     request.wake.set()
                 if self._queue:  # arrived during the commit: the next batch, led by its first

@@ -57,7 +57,7 @@ def in_threads(calls: list[Callable[[], Any]]) -> tuple[list[threading.Thread], 
         except Exception as exc:  # the test looks at it
             results[i] = exc
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(calls))]
     for t in threads:
         t.start()
     return threads, results
@@ -205,3 +205,40 @@ def test_a_lone_request_is_its_own_batch(tmp_path: Path, n: int) -> None:
             assert inbox.accept("masi", [masi(f"S{i:03d}")])[0].changed
         assert inbox._group.batches == n
         assert len(inbox.rows()) == n
+
+
+def test_a_leader_failing_after_it_took_the_batch_leaves_nobody_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a database error: the file lock's release fails after the commit (an OS fault,
+    simulated). Every request of the batch is answered (an error: it retries, and the retry
+    is an unchanged update, not a duplicate); nobody waits for ever."""
+    import fcntl
+
+    inboxes = ThreadInboxes(tmp_path / "outbox.sqlite")
+    accept(inboxes, masi("S000"))
+    real_flock = fcntl.flock
+    failed = threading.Event()
+
+    def flock(fd: int, op: int) -> None:
+        real_flock(fd, op)
+        if op == fcntl.LOCK_UN and not failed.is_set():
+            failed.set()
+            raise OSError("simulated")
+
+    with write_locked(inboxes.path):
+        threads, results = in_threads(
+            [lambda i=i: accept(inboxes, masi(f"S{i:03d}")) for i in range(1, 5)]
+        )
+        wait_queued(inboxes, 4)
+        monkeypatch.setattr(fcntl, "flock", flock)
+    for t in threads:
+        t.join(timeout=30)
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    assert not any(t.is_alive() for t in threads)
+    assert all(isinstance(r, OSError) for r in results), results
+    assert failed.is_set()
+    again = [accept(inboxes, masi(f"S{i:03d}"))[0] for i in range(1, 5)]
+    assert [a.changed for a in again] == [False] * 4  # they had been committed
+    with Inbox(inboxes.path) as fresh:
+        assert len(fresh.rows()) == 5
