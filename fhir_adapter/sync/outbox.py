@@ -76,6 +76,25 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE TABLE IF NOT EXISTS learned_types (rtype TEXT PRIMARY KEY);
 """
 
+# The change counter (meta ``generation``): every write to a row or a dead letter, by whatever
+# process or version of the adapter, counts; the unchanged re-sync's shortcut needs the outbox
+# exactly as the last sync left it.
+_COUNT = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation';"
+_TRIGGERS = f"""
+CREATE TRIGGER IF NOT EXISTS resources_insert_counted AFTER INSERT ON resources
+    BEGIN {_COUNT} END;
+CREATE TRIGGER IF NOT EXISTS resources_update_counted AFTER UPDATE ON resources
+    BEGIN {_COUNT} END;
+CREATE TRIGGER IF NOT EXISTS resources_delete_counted AFTER DELETE ON resources
+    BEGIN {_COUNT} END;
+CREATE TRIGGER IF NOT EXISTS dead_letters_insert_counted AFTER INSERT ON dead_letters
+    BEGIN {_COUNT} END;
+CREATE TRIGGER IF NOT EXISTS dead_letters_update_counted AFTER UPDATE ON dead_letters
+    BEGIN {_COUNT} END;
+CREATE TRIGGER IF NOT EXISTS dead_letters_delete_counted AFTER DELETE ON dead_letters
+    BEGIN {_COUNT} END;
+"""
+
 # Types whose status has entered-in-error: a removed record is retracted, not deleted.
 RETRACTABLE = {
     "R4": frozenset({"Observation", "Encounter", "Consent"}),
@@ -260,6 +279,8 @@ class Outbox:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=30000")
         self.db.executescript(_SCHEMA)
+        self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', '0')")
+        self.db.executescript(_TRIGGERS)
         version = self.get_meta("schema_version")
         if version is not None and int(version) > SCHEMA_VERSION:
             raise ConfigurationError(
@@ -333,6 +354,46 @@ class Outbox:
                 f"the outbox {self.path} belongs to {known}, not {base_url}; "
                 "use another --outbox for another server"
             )
+
+    # -- the unchanged re-sync ---------------------------------------------------------------
+    def generation(self) -> int:
+        """The change counter: how many row writes the outbox has seen."""
+        return int(self.get_meta("generation") or 0)
+
+    def settled(self) -> bool:
+        """Nothing left to send, refused or held back: every row landed or removed."""
+        row = self.db.execute(
+            "SELECT EXISTS (SELECT 1 FROM resources WHERE state NOT IN ('sent', 'tombstone')) "
+            "OR EXISTS (SELECT 1 FROM dead_letters)"
+        ).fetchone()
+        return not row[0]
+
+    def record_clean_stage(self, fingerprint: str, today: str, staged: int) -> None:
+        """A sync of inputs with digest ``fingerprint`` ended clean and settled: an identical
+        run while nothing else writes to the outbox may skip staging."""
+        known = {"fingerprint": fingerprint, "today": today, "staged": staged}
+        value = orjson.dumps({**known, "generation": self.generation()}).decode()
+        self.set_meta("clean_stage", value)
+
+    def forget_clean_stage(self) -> None:
+        self.db.execute("DELETE FROM meta WHERE key = 'clean_stage'")
+
+    def unchanged_stage(self, fingerprint: str, today: str) -> int | None:
+        """How many resources the recorded clean stage had, when staging inputs with digest
+        ``fingerprint`` on ``today`` would change nothing; None otherwise."""
+        raw = self.get_meta("clean_stage")
+        if raw is None:
+            return None
+        try:
+            known = orjson.loads(raw)
+            same = (
+                known["fingerprint"] == fingerprint
+                and known["generation"] == self.generation()
+                and str(known["today"]) <= today  # ISO dates: the clock did not go back
+            )
+            return int(known["staged"]) if same else None
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
 
     # -- staging ---------------------------------------------------------------------------
     def stage(
