@@ -2,10 +2,10 @@
 
 Staging is a pure function of the source files, the adapter's code, the trial definition, the
 settings and options of the run, the site's "today" (rows dated after it are rejected) and the
-outbox. When the digest of the first five equals the one recorded by a clean earlier run, and
-the outbox has not changed since that run ended (its change counter, see
-:meth:`Outbox.generation`), staging again would change nothing: the sync skips mapping and
-validation and goes straight to sending (which then finds nothing to send).
+outbox. When the digest of the first five equals the one recorded by a clean, settled earlier
+run, and the outbox has not changed since that run ended (any write to it deletes the record,
+see :meth:`Outbox.unchanged_stage`), staging again would change nothing: the sync skips mapping
+and validation and goes straight to sending (which then finds nothing to send).
 
 The digest covers, conservatively:
 

@@ -242,31 +242,35 @@ def test_requeue_referrers_finds_bodies_that_refer_to_a_resource(outbox: Outbox)
 
 
 # -- the unchanged re-sync's record (issue 15) ---------------------------------------------------
-def test_every_write_to_a_row_or_a_dead_letter_counts(outbox: Outbox) -> None:
-    start = outbox.generation()
+def test_every_write_to_a_row_or_a_dead_letter_forgets_the_clean_record(outbox: Outbox) -> None:
+    def recorded() -> bool:
+        outbox.record_clean_stage("digest", "2026-01-10", 1)
+        return outbox.unchanged_stage("digest", "2026-01-10") == 1
+
+    assert recorded()
     stage(outbox, 2)
-    staged = outbox.generation()
-    assert staged > start
+    assert outbox.unchanged_stage("digest", "2026-01-10") is None
+    assert recorded()
     outbox.set_meta("anything", "x")  # meta is not outbox content
-    assert outbox.generation() == staged
+    assert outbox.unchanged_stage("digest", "2026-01-10") == 1
     row = outbox.to_send()[0]
     outbox.mark_dead(row, 400, "refused", None, "POST")
-    dead = outbox.generation()
-    assert dead > staged
-    outbox.drop_dead_letter(outbox.dead_letters()[0]["id"])
-    assert outbox.generation() > dead
+    assert outbox.unchanged_stage("digest", "2026-01-10") is None
+    assert recorded()
+    outbox.drop_dead_letter(outbox.dead_letters()[0]["id"])  # a dead letter deleted, no row
+    assert outbox.unchanged_stage("digest", "2026-01-10") is None
 
 
-def test_a_write_by_another_connection_counts_too(outbox: Outbox) -> None:
-    """The counter lives in the file (triggers): any process, any version of the adapter."""
+def test_a_write_by_another_connection_forgets_it_too(outbox: Outbox) -> None:
+    """The triggers live in the file: any process, any version of the adapter, plain SQL."""
     stage(outbox, 1)
     landed(outbox)
-    before = outbox.generation()
+    outbox.record_clean_stage("digest", "2026-01-10", 1)
     other = sqlite3.connect(str(outbox.path))
     other.execute("UPDATE resources SET state = 'pending'")
     other.commit()
     other.close()
-    assert outbox.generation() == before + 1
+    assert outbox.unchanged_stage("digest", "2026-01-10") is None
 
 
 def test_a_recorded_clean_stage_holds_only_while_nothing_changes(outbox: Outbox) -> None:
