@@ -354,6 +354,7 @@ def _whole_process(bench: Bench) -> dict[str, Any]:
             f"sync_process_{scale}x_peak_rss_kib": rss[scale],
             f"resync_process_{scale}x_seconds": round(again_s, 3),
             f"resync_process_{scale}x_peak_rss_kib": again_rss,
+            f"resync_process_{scale}x_inputs_unchanged": again.get("inputs_unchanged"),
         }
         if scale == 10:
             out["resync_fraction"] = round(again_s / first_s, 4)
