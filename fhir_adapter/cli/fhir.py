@@ -86,6 +86,12 @@ def _check_outputs(directory: Path, out: Path, fmt: str, rejects: Path | None) -
     help="Entries per transaction Bundle (default: FHIR_ADAPTER_BUNDLE_SIZE, 100).",
 )
 @click.option(
+    "--strict/--no-strict",
+    default=None,
+    help="Validate every resource with its fhir.resources model, not each shape once and then "
+    "the values (same output, slower; default: FHIR_ADAPTER_STRICT_VALIDATION, off).",
+)
+@click.option(
     "--rejects",
     type=click.Path(path_type=Path),
     default=None,
@@ -100,12 +106,14 @@ def map_command(
     fmt: str,
     target: Target,
     bundle_size: int | None,
+    strict: bool | None,
     rejects: Path | None,
 ) -> None:
     """Map a directory of the eCRF export to FHIR: transaction Bundles or NDJSON.
 
     Every resource is validated (structure and value sets) before it is written; output is
-    byte-identical for the same input. Prints resource counts per type on stderr.
+    byte-identical for the same input, and the same with --strict. Prints resource counts
+    per type on stderr.
     """
     with user_errors():
         version: FhirVersion = fhir_version or app.settings.fhir_version
@@ -124,7 +132,10 @@ def map_command(
                 settings=app.settings,
             )
             mapper = DatasetMapper(ctx, intake, threshold=app.threshold(None))
-            resources = validated(mapper.resources(directory), ctx.terminology, version)
+            strict = app.settings.strict_validation if strict is None else strict
+            resources = validated(
+                mapper.resources(directory), ctx.terminology, version, strict=strict
+            )
             resources = progress(resources, "mapping", unit="resources")
             if fmt == "ndjson":
                 with replaced_file(out) as incoming, incoming.open("wb") as fh:
