@@ -159,7 +159,7 @@ def test_a_new_shape_is_validated_whole(
     with pytest.raises(InvalidResource, match="colour"):
         validator.check(unknown)
     wrong_type = first(resources, "Organization", "active")
-    wrong_type["active"] = "yes"  # a string where a boolean goes: another shape
+    wrong_type["active"] = "maybe"  # a string where a boolean goes: another shape
     with pytest.raises(InvalidResource, match="active"):
         validator.check(wrong_type)
     decimal = first(resources, "Observation", "valueQuantity")
