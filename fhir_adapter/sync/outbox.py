@@ -827,7 +827,6 @@ class Outbox:
             self._delete_letter(found["resourceType"], found["key"])
         return found
 
-
     # -- appended for the webhook layer (SPEC §8) ------------------------------------------
     def by_server_id(self, rtype: str, server_id: str) -> Row | None:
         """The row of the resource the server holds as ``rtype/server_id``."""
