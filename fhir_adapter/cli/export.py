@@ -32,21 +32,15 @@ from fhir_adapter.export import (
 )
 from fhir_adapter.export.vocabularies import trial_vocabularies
 from fhir_adapter.mapping.terminology import Terminology
-from fhir_adapter.mapping.validation import ValueSetChecker, validate_structure
+from fhir_adapter.mapping.validation import ResourceValidator
 from fhir_adapter.query.sources import DEFAULT_PAGE_SIZE, NdjsonSource, ServerSource
 
 Resource = dict[str, Any]
 
 
-def _validator(terminology: Terminology) -> Any:
+def _validator(terminology: Terminology, *, strict: bool) -> Any:
     """Every exported resource is proven valid R4, structure and value sets (as `map` does)."""
-    checker = ValueSetChecker(terminology, "R4")
-
-    def validate(resource: Resource) -> None:
-        checker.check(resource)
-        validate_structure(resource, "R4")
-
-    return validate
+    return ResourceValidator(terminology, "R4", strict=strict).check
 
 
 def _progress() -> Any:
@@ -140,7 +134,7 @@ def export_command(
             identifier_base=app.settings.identifier_base,
             timezone=zoneinfo.ZoneInfo(app.timezone),
             base_url=client.base_url if client is not None else None,
-            validate=_validator(terminology),
+            validate=_validator(terminology, strict=app.settings.strict_validation),
             vocabularies=vocabularies,
             on_resource=bar.update if bar is not None else None,
         )

@@ -13,7 +13,7 @@ from fhir_adapter.intake import KINDS, Intake, file_name
 from fhir_adapter.jsonout import dumpb
 from fhir_adapter.mapping.context import MappingContext, Resource
 from fhir_adapter.mapping.dataset import DatasetMapper
-from fhir_adapter.mapping.validation import ValueSetChecker, validate_structure
+from fhir_adapter.mapping.validation import ResourceValidator
 from fhir_adapter.settings import Settings
 from fhir_adapter.sync.engine import Sender, SendSummary
 from fhir_adapter.sync.fingerprint import input_fingerprint
@@ -68,19 +68,18 @@ def source_label(source: str) -> str:
 
 
 def _staged_items(
-    mapper: DatasetMapper, directory: Path, ctx: MappingContext, proven: set[str]
+    mapper: DatasetMapper, directory: Path, validator: ResourceValidator, proven: set[str]
 ) -> Iterator[tuple[str, Resource, bytes]]:
     """Validated resources with their canonical bytes.
 
     A resource whose exact bytes already landed on the server was proven valid when it was
-    first sent: only new or changed content pays for the structural validation.
+    first sent: only new or changed content pays for the validation (as ``map`` does it:
+    strict validates each one whole).
     """
-    checker = ValueSetChecker(ctx.terminology, ctx.fhir_version)
     for source, resource in mapper.sourced(directory):
         body = dumpb(resource)
         if content_hash(body) not in proven:
-            checker.check(resource)
-            validate_structure(resource, ctx.fhir_version)
+            validator.check(resource)
         yield source, resource, body
 
 
@@ -92,11 +91,13 @@ def stage_directory(
     *,
     allow_removals: bool = False,
     max_removal_share: float = 0.2,
+    strict: bool = False,
     **mapper_kw: Any,
 ) -> tuple[StageResult, DatasetMapper]:
     mapper = DatasetMapper(ctx, intake, **mapper_kw)
+    validator = ResourceValidator(ctx.terminology, ctx.fhir_version, strict=strict)
     result = outbox.stage(
-        _staged_items(mapper, directory, ctx, outbox.landed_hashes()),
+        _staged_items(mapper, directory, validator, outbox.landed_hashes()),
         mapper.complete_sources,
         ctx.fhir_version,
         allow_removals=allow_removals,
@@ -124,15 +125,16 @@ def sync_directory(
     The whole run (staging and sending) holds the outbox's writer lock: a second sync waits up
     to ``FHIR_ADAPTER_LOCK_TIMEOUT_S`` for it."""
     settings = client.settings
-    guard: dict[str, Any] = {
+    stage_kw: dict[str, Any] = {
         "allow_removals": allow_removals,
         "max_removal_share": settings.max_removal_share,
+        "strict": settings.strict_validation,
     }
     if dry_run:
         return _dry_run(
-            directory, ctx=ctx, intake=intake, outbox_path=outbox_path, **guard, **mapper_kw
+            directory, ctx=ctx, intake=intake, outbox_path=outbox_path, **stage_kw, **mapper_kw
         )
-    options = {**guard, **mapper_kw, "intake": (intake.settings or Settings()).model_dump_json()}
+    options = {**stage_kw, **mapper_kw, "intake": (intake.settings or Settings()).model_dump_json()}
     fingerprint = input_fingerprint(directory, ctx=ctx, settings=settings, options=options)
     today = intake.today.isoformat() if intake.today else ""
     with Outbox(outbox_path) as outbox, outbox.writer_lock(settings.lock_timeout_s):
@@ -143,7 +145,7 @@ def sync_directory(
             stage, unreadable = StageResult(unchanged=skipped), []
         else:
             outbox.forget_clean_stage()
-            stage, mapper = stage_directory(outbox, ctx, intake, directory, **guard, **mapper_kw)
+            stage, mapper = stage_directory(outbox, ctx, intake, directory, **stage_kw, **mapper_kw)
             unreadable = mapper.unreadable
         sender = Sender(
             client,

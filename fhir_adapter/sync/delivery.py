@@ -200,6 +200,7 @@ class DeliveryWorker:
             # each retraction is an explicit DELETE of the EHR: the mass-removal guard of
             # `sync DIR` (a file that lost rows by mistake) does not apply
             allow_removals=True,
+            strict=self.settings.strict_validation,
         )
         rejected: dict[tuple[str, int], str] = {}
         for issue in intake.issues:

@@ -39,7 +39,7 @@ from fhir_adapter.jsonout import dumpb
 from fhir_adapter.mapping import common
 from fhir_adapter.mapping.context import MappingContext, Resource
 from fhir_adapter.mapping.dataset import DatasetMapper, builders, study_resources
-from fhir_adapter.mapping.validation import ValueSetChecker, validate_structure
+from fhir_adapter.mapping.validation import ResourceValidator
 from fhir_adapter.scoring import VisitScore, rater_masi, rater_score, score_visits
 from fhir_adapter.sync.inbox import ORIGIN_SERVER, InboxConflict
 
@@ -489,11 +489,12 @@ class Recomputer:
     def _stage(self, subject: str, resources: list[Resource]) -> None:
         ctx = self.ctx
         source = f"{NOTIFY_SOURCE}{subject}"
-        checker = ValueSetChecker(ctx.terminology, ctx.fhir_version)
+        validator = ResourceValidator(
+            ctx.terminology, ctx.fhir_version, strict=self.worker.settings.strict_validation
+        )
         items = []
         for resource in [*study_resources(ctx), *resources]:
-            checker.check(resource)
-            validate_structure(resource, ctx.fhir_version)
+            validator.check(resource)
             study = resource["resourceType"] not in ("Observation", "Provenance")
             items.append((f"{NOTIFY_SOURCE}study" if study else source, resource, dumpb(resource)))
         result = self.worker.outbox.stage(items, lambda: {source}, ctx.fhir_version)
