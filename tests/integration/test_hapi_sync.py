@@ -3,8 +3,10 @@
 What it shows about HAPI (see also test_hapi_server.py):
 
 - The whole synthetic set lands once per business identifier and every reference resolves; a
-  re-run sends nothing; a sync with a fresh outbox re-sends everything as updates, and HAPI —
-  unlike the Medplum test server — makes no new version of a resource whose content is unchanged.
+  re-run sends nothing; a sync with a fresh outbox and client ids re-sends everything as
+  updates, and HAPI - unlike the Medplum test server - makes no new version of a resource
+  whose content is unchanged; with looked-up ids a fresh outbox records identical content
+  without a write (``matched``).
 - The identity strategy: R4 AdverseEvent and Provenance have no ``identifier`` search, so
   ``auto`` matches them by ``_tag``, and HAPI refuses the learn search ``_tag=system|``
   (HAPI-1218: a token search on ``_tag`` needs a code). Until the sync learns tag-matched types
@@ -106,8 +108,10 @@ class TestWholeSetOnHapi:
     ) -> None:
         """Identical content re-sent: HAPI keeps the version (Medplum would add one).
 
-        Three of the files (whose resources depend on no other file) are enough; a fresh
-        outbox removes nothing from files it has not seen.
+        With client ids a fresh outbox needs no look-up: it PUTs every resource. Three of the
+        files (whose resources depend on no other file) are enough; a fresh outbox removes
+        nothing from files it has not seen. Only Encounters whose period started on an
+        assessment (these files hold none) really change, and they alone get a new version.
         """
         before = on_hapi.view.versions(on_hapi.types)
         data = tmp_path / "data"
@@ -117,11 +121,24 @@ class TestWholeSetOnHapi:
         fresh = make_cli(on_hapi.cli.server, tmp_path / "fresh.sqlite")
         summary = summary_of(fresh.sync(data, env=CLIENT_IDS))
         resent = all_sent(fresh.outbox_counts())
-        assert {"AdverseEvent", "Patient", "ResearchSubject"} <= resent.keys()
+        assert {"AdverseEvent", "Encounter", "Patient", "ResearchSubject"} <= resent.keys()
         assert summary["created"] == 0
         assert summary["updated"] == sum(resent.values())
-        assert on_hapi.view.versions(on_hapi.types) == before
+        after = on_hapi.view.versions(on_hapi.types)
+        changed = {k for k in after if after[k] != before[k]}
+        assert {rtype for rtype, _ in changed} == {"Encounter"}
+        assert {after[k] for k in changed} == {(before[k][0], "2") for k in changed}
         assert {v for _, v in before.values()} == {"1"}
+        for _, server_id in (after[k] for k in changed):
+            first, second = (
+                on_hapi.view.get(f"Encounter/{server_id}/_history/{v}") for v in ("1", "2")
+            )
+            assert first["period"] != second.get("period")
+            assert without_period_and_meta(first) == without_period_and_meta(second)
+
+
+def without_period_and_meta(resource: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resource.items() if k not in ("period", "meta")}
 
 
 def test_auto_identity_with_a_fresh_outbox_within_the_search_cache_minute(
@@ -141,7 +158,7 @@ def test_auto_identity_with_a_fresh_outbox_within_the_search_cache_minute(
     before = view.versions(types)
     second = make_cli(hapi_reset, tmp_path / "second.sqlite")
     matched = summary_of(second.sync(data))
-    assert matched["created"] == 0
-    assert matched["updated"] == created["created"]
+    assert matched["created"] == matched["updated"] == 0  # identical content: no write at all
+    assert matched["matched"] == created["created"]
     assert view.versions(types) == before  # one resource per key, no new version
     assert second.outbox_rows() == first.outbox_rows()
