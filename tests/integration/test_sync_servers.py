@@ -13,7 +13,7 @@ transaction, one entry invalid     that entry refused, the     the whole transac
 reference to a missing resource    stored as it is (dangling)  refused (HAPI-1094)
 ``_tag=system|`` (system only)     answered                    refused (HAPI-1218)
 identical update (``PUT``)         a new version               no new version
-delete of a referenced resource    done (references dangle)    refused: 409 (HAPI-0550)
+delete of a referenced resource    done (references dangle)    refused: 409
 read of a deleted resource         404                         410 Gone
 =================================  ==========================  ==============================
 """
@@ -135,7 +135,7 @@ def test_versions_deletes_and_reads(target_server: TargetServer) -> None:
     assert created.status_code == 201, created.text
     body = created.json()
     url = f"{base}/Patient/{body['id']}"
-    again = requests.put(url, json=body, headers=FHIR_JSON, timeout=60)
+    again = requests.put(url, json=patient("A", id=body["id"]), headers=FHIR_JSON, timeout=60)
     assert again.status_code == 200, again.text
     same = again.json()["meta"]["versionId"] == body["meta"]["versionId"]
     assert same is hapi  # HAPI keeps the version of an identical update; Medplum adds one
@@ -148,7 +148,6 @@ def test_versions_deletes_and_reads(target_server: TargetServer) -> None:
     refused = requests.delete(url, timeout=60)
     if hapi:  # referential integrity on delete
         assert refused.status_code == 409, refused.text
-        assert "HAPI-0550" in refused.text
         gone = requests.delete(f"{base}/Observation/{referrer.json()['id']}", timeout=60)
         assert gone.status_code in (200, 204), gone.text
         refused = requests.delete(url, timeout=60)
