@@ -1,10 +1,9 @@
 """`fhir-adapter sync` when the server, the network or a gateway fails halfway (issue 8).
 
 The CLI runs as a subprocess against the fault-injecting proxy (tests/faultproxy.py) in front of
-the real FHIR server of `fault_upstream` (the in-memory Medplum-engine server; its transactions
-are not atomic). Each test arms a fault, syncs the 6-participant synthetic set (673 resources,
-Bundles of 50) and checks the exit status and summary; each ends by reading the server
-directly: exactly one resource per business key, all of them (the counts a clean run plans),
+the real FHIR server of `fault_upstream`. Each test arms a fault, syncs the 6-participant
+synthetic set (673 resources, Bundles of 50; 3 participants, ~340 resources, on HAPI) and
+checks the exit status and summary; each ends by reading the server directly: exactly one resource per business key, all of them (the counts a clean run plans),
 every reference resolving, none of them ``urn:uuid:`` or conditional.
 
 Every test runs once per sync target (`sync_target`, tests/integration/conftest.py): Medplum,
@@ -39,20 +38,40 @@ PATIENT = "urn:nct06677931:patient"
 
 
 @pytest.fixture(scope="module")
-def six(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("faults") / "data"
-    generate(directory, n_participants=6, with_bad=False)
-    return directory
+def fault_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, dict[str, int]]]:
+    """Synthetic sets by participant count (generated on first use), with what a clean run
+    sends of each, per type (a dry run on a fresh outbox writes nothing)."""
+    return {}
 
 
-@pytest.fixture(scope="module")
-def planned(
-    six: Path, tmp_path_factory: pytest.TempPathFactory, make_cli: type[AdapterCli]
-) -> dict[str, int]:
-    """Resources per type a clean run sends (a dry run on a fresh outbox writes nothing)."""
-    cli = make_cli("http://127.0.0.1:9/fhir/R4", tmp_path_factory.mktemp("plan") / "o.sqlite")
-    plan = summary(cli.sync(six, "--dry-run"))["would_send"]
-    return {k.removesuffix(" create or match"): n for k, n in plan.items()}
+@pytest.fixture
+def fault_set_and_plan(
+    fault_sets: dict[int, tuple[Path, dict[str, int]]],
+    sync_target: SyncTarget,
+    tmp_path_factory: pytest.TempPathFactory,
+    make_cli: type[AdapterCli],
+) -> tuple[Path, dict[str, int]]:
+    """6 participants on Medplum, 3 on HAPI (~340 resources: HAPI writes several times more
+    slowly; participant S003, whose Patient the refusal tests pick, is in both)."""
+    n = 3 if sync_target.hapi else 6
+    if n not in fault_sets:
+        directory = tmp_path_factory.mktemp(f"faults{n}") / "data"
+        generate(directory, n_participants=n, with_bad=False)
+        cli = make_cli("http://127.0.0.1:9/fhir/R4", tmp_path_factory.mktemp("plan") / "o.sqlite")
+        plan = summary(cli.sync(directory, "--dry-run"))["would_send"]
+        fault_sets[n] = directory, {k.removesuffix(" create or match"): v for k, v in plan.items()}
+    return fault_sets[n]
+
+
+@pytest.fixture
+def six(fault_set_and_plan: tuple[Path, dict[str, int]]) -> Path:
+    """The data set of this run (six participants on Medplum, three on HAPI)."""
+    return fault_set_and_plan[0]
+
+
+@pytest.fixture
+def planned(fault_set_and_plan: tuple[Path, dict[str, int]]) -> dict[str, int]:
+    return fault_set_and_plan[1]
 
 
 @pytest.fixture
