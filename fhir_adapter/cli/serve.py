@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -223,6 +224,22 @@ def worker(
 
 
 # -- subscribe -------------------------------------------------------------------------------
+SUBSCRIPTION_REASON = "fhir-adapter: follow rater MASI Observations to keep the consensus right"
+_WAIT_POLL_S = 0.25
+
+
+def default_criteria(trial_system: str) -> str:
+    """Every MASI Observation of the trial: rater and consensus alike.
+
+    The handler tells the raters apart (business identifier and ``performer``) and ignores the
+    consensus, so the wider criteria cost one ignored notification per consensus write. The
+    narrower ``&performer:missing=false`` is not used: HAPI FHIR (8.8.0) cannot match it in
+    memory, and its database matcher fails on it (HAPI-2223, retried without end), so nothing
+    would ever be delivered.
+    """
+    return f"Observation?code={trial_system}|masi"
+
+
 def subscription_resource(
     settings: Settings, endpoint: str, criteria: str, payload: str
 ) -> dict[str, Any]:
@@ -242,10 +259,42 @@ def subscription_resource(
     return {
         "resourceType": "Subscription",
         "status": "requested",
-        "reason": "fhir-adapter: follow rater MASI Observations to keep the consensus right",
+        "reason": SUBSCRIPTION_REASON,
         "criteria": criteria,
         "channel": channel,
     }
+
+
+def _ours(subscription: dict[str, Any], endpoint: str) -> bool:
+    """A Subscription this command made for ``endpoint`` (whatever its criteria)."""
+    channel = subscription.get("channel") or {}
+    return channel.get("endpoint") == endpoint and subscription.get("reason") == (
+        SUBSCRIPTION_REASON
+    )
+
+
+def wait_until_active(client: FhirClient, subscription_id: str, timeout: float) -> str:
+    """The Subscription's status once the server has activated it (HAPI does so a few seconds
+    after the write, and notifies nothing before); ``ConfigurationError`` if it ends in
+    ``error``/``off`` or is still ``requested`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = client.read("Subscription", subscription_id)
+        status = str(held.get("status") or "")
+        if status == "active":
+            return status
+        if status in ("error", "off"):
+            reason = str(held.get("error") or "no reason given")[:300]
+            raise ConfigurationError(
+                f"the server set Subscription/{subscription_id} to {status!r}: {reason}"
+            )
+        if time.monotonic() >= deadline:
+            raise ConfigurationError(
+                f"Subscription/{subscription_id} is still {status or 'without a status'!r} "
+                f"after {timeout:g} s: the server has not activated it (are rest-hook "
+                "Subscriptions enabled on it?)"
+            )
+        time.sleep(_WAIT_POLL_S)
 
 
 @cli.command()
@@ -256,7 +305,7 @@ def subscription_resource(
 @click.option(
     "--criteria",
     default=None,
-    help="Search criteria (default: rater MASI Observations of the trial code system).",
+    help="Search criteria (default: MASI Observations of the trial code system).",
 )
 @click.option(
     "--payload",
@@ -265,27 +314,38 @@ def subscription_resource(
     show_default=True,
     help="full: the resource in the notification; none: an empty notification (query back).",
 )
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the server to make the Subscription active (0: do not wait).",
+)
 @pass_app
 def subscribe(
-    app: AppContext, server: str | None, endpoint: str, criteria: str | None, payload: str
+    app: AppContext,
+    server: str | None,
+    endpoint: str,
+    criteria: str | None,
+    payload: str,
+    wait_s: float,
 ) -> None:
     """Create (or update) the R4 rest-hook Subscription that tells the adapter when a rater's
-    MASI Observation changes on the FHIR server. Prints its id."""
+    MASI Observation changes on the FHIR server, and wait until the server has activated it.
+    Prints its id and status."""
     settings = server_settings(app, server, None, None, None)
     with user_errors():
         from fhir_adapter.sync.delivery import webhook_context
 
         ctx, _ = webhook_context(settings)
-        criteria = criteria or (
-            f"Observation?code={ctx.terminology.trial_system}|masi&performer:missing=false"
-        )
+        criteria = criteria or default_criteria(ctx.terminology.trial_system)
         resource = subscription_resource(settings, endpoint, criteria, payload)
         with FhirClient(settings) as client:
-            existing = [
-                s
-                for s in client.search_all("Subscription", {"url": endpoint})
-                if s.get("criteria") == criteria
-            ]
+            # this command's Subscription for the endpoint is updated, even when its criteria
+            # were other ones (an upgrade replaces them instead of adding a second one)
+            found = client.search_all("Subscription", {"url": endpoint})
+            existing = [s for s in found if _ours(s, endpoint)]
             try:
                 if existing:
                     resource["id"] = existing[0]["id"]
@@ -300,12 +360,16 @@ def subscribe(
                     action = "created"
             except ServerError as exc:
                 raise ConfigurationError(f"the server refused the Subscription: {exc}") from None
-        subscription_id = (answer or {}).get("id") or resource.get("id")
+            subscription_id = str((answer or {}).get("id") or resource.get("id"))
+            status = str((answer or {}).get("status") or resource["status"])
+            if wait_s > 0:
+                status = wait_until_active(client, subscription_id, wait_s)
         click.echo(
             dumps(
                 {
                     "subscription": f"Subscription/{subscription_id}",
                     "action": action,
+                    "status": status,
                     "criteria": criteria,
                     "endpoint": endpoint,
                 }

@@ -645,7 +645,7 @@ class ServeProcess:
             try:
                 if requests.get(f"{self.url}/healthz", timeout=2).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # still starting (a busy host)
                 pass
             time.sleep(0.1)
         raise AssertionError(f"serve did not start: {self.log.read_text()[-3000:]}")

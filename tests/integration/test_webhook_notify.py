@@ -354,7 +354,7 @@ def test_a_real_subscription_drives_serve(
     assert held["channel"]["header"] == [
         f"Authorization: Bearer {CREDENTIALS_ENV['FHIR_ADAPTER_WEBHOOK_TOKEN']}"
     ]
-    assert "performer:missing=false" in held["criteria"]
+    assert held["criteria"] == f"Observation?code={IDENTIFIER_BASE}codes|masi"
 
     assert serve.post("participants", participant_record("S001")).status_code == 202
     records = [masi("S001", "m3", "R1", CLOSE), masi("S001", "m3", "R2", FAR)]
