@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     site_timezone: str | None = Field(
         default=None, description="Time zone of the site's dates (default: study.yaml)"
     )
+    strict_validation: bool = Field(
+        default=False,
+        description="Validate every emitted resource with its fhir.resources model (slower); "
+        "by default each resource shape is validated once and then the values of every resource",
+    )
 
     # --- outbox and webhook ------------------------------------------------------------------
     outbox_path: Path = Field(default_factory=lambda: _default_state_dir() / "outbox.sqlite")

@@ -79,7 +79,9 @@ def _authenticate() -> Response | None:
         raise RequestEntityTooLarge()
     is_notify = request.path.startswith("/fhir/notify")
     try:
-        caller = authenticate(request, st, body, notify=is_notify)
+        caller = authenticate(
+            request, st, body, notify=is_notify, claimed_later=_claims_with_the_write()
+        )
     except Unauthorized as exc:
         log.info("refused %s %s: %s", request.method, request.endpoint or "(no route)", exc)
         return outcome_response(401, [Problem(str(exc), "security")], _CHALLENGE)

@@ -22,6 +22,7 @@ from fhir_adapter.sync.inbox import (
     KEY_FIELDS,
     PRIMARY_TYPE,
     InboxConflict,
+    InboxUnavailable,
     Replayed,
     RetractRefused,
     record_ident,
@@ -59,7 +60,7 @@ def parse_body(body: bytes) -> list[dict[str, Any]] | Response:
 
 
 def _unknown_fields(kind: str, records: list[dict[str, Any]], st: AppState) -> list[Problem]:
-    known = set(KINDS[kind].columns(st.trial))
+    known = st.known_fields(kind)
     problems = []
     for index, record in enumerate(records):
         for name in record:
@@ -141,6 +142,14 @@ def _ingest(kind: str) -> Response:
     except Replayed:
         return outcome_response(
             401, [Problem("signature already used (replayed request)", "security")]
+        )
+    except InboxUnavailable:
+        # the commit that would have held the records failed: nothing kept, the sender retries
+        log.warning("ingest %s: the inbox could not commit (%d records, 503)", kind, len(records))
+        return outcome_response(
+            503,
+            [Problem("the records could not be stored (nothing was kept); retry", "transient")],
+            {"Retry-After": "5"},
         )
     except InboxConflict as exc:
         st.inbox.bump(f"rejected:{kind}", len(records))

@@ -10,15 +10,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from fhir_adapter.cli import data as _data  # noqa: F401 - registers the data commands
-from fhir_adapter.cli import demo as _demo  # noqa: F401 - registers demo
-from fhir_adapter.cli import export as _export  # noqa: F401 - registers export
-from fhir_adapter.cli import fhir as _fhir  # noqa: F401 - registers map
-from fhir_adapter.cli import query as _query  # noqa: F401 - registers view and query
-from fhir_adapter.cli import report as _report  # noqa: F401 - registers report
-from fhir_adapter.cli import serve as _serve  # noqa: F401 - registers serve, worker, subscribe
-from fhir_adapter.cli import sync as _sync  # noqa: F401 - registers sync and friends
-from fhir_adapter.cli.base import cli, echo_err
+# The command modules register their commands on ``cli`` when imported, which the group does
+# on first use of a command (base.LAZY_COMMANDS): start-up imports only what the command needs.
+from fhir_adapter.cli.base import cli, echo_err, load_commands
 from fhir_adapter.errors import ExitCode
 
 log = logging.getLogger("fhir_adapter")
@@ -39,4 +33,4 @@ def main() -> None:
         sys.exit(int(ExitCode.INTERNAL))
 
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "load_commands", "main"]

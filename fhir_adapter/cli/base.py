@@ -7,6 +7,7 @@ warning and rejected row goes to stderr. No traceback reaches the user for bad i
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from collections.abc import Iterator
@@ -80,7 +81,140 @@ def user_errors() -> Iterator[None]:
         sys.exit(130)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: command -> (the module that registers it, the first sentence of its help). A command's module
+#: is imported when the command runs, not before: ``map`` never loads DuckDB, requests or the
+#: query engine, ``--help`` loads none of them (tests/unit/test_cli_lazy.py keeps this in step
+#: with the commands the modules define).
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "adjudication": (
+        "fhir_adapter.cli.data",
+        "The worklist of subject x visits whose two raters differ by more than the threshold.",
+    ),
+    "dead-letters": (
+        "fhir_adapter.cli.sync",
+        "Resources the server rejected, with its OperationOutcome.",
+    ),
+    "demo": (
+        "fhir_adapter.cli.demo",
+        "The whole trial flow on a synthetic set: generate, validate, score, check "
+        "eligibility, map (R4 and R5), sync to the local FHIR server, and write the report "
+        "from what it holds.",
+    ),
+    "eligibility": (
+        "fhir_adapter.cli.data",
+        "Evaluate the eligibility criteria: JSON Lines {subject_id, result, failed, unknown}.",
+    ),
+    "export": (
+        "fhir_adapter.cli.export",
+        "De-identified export in Bulk Data layout: pseudonyms, shifted dates, no free text.",
+    ),
+    "generate": (
+        "fhir_adapter.cli.data",
+        "Write a synthetic, seeded data set (six CSV files) and a bad/ folder of broken files.",
+    ),
+    "map": (
+        "fhir_adapter.cli.fhir",
+        "Map a directory of the eCRF export to FHIR: transaction Bundles or NDJSON.",
+    ),
+    "outbox": ("fhir_adapter.cli.sync", "The durable outbox."),
+    "query": (
+        "fhir_adapter.cli.query",
+        "Every trial view (CSV + Parquet, OUT/views/) and the registry tables (CSV + "
+        "Markdown, OUT/registry/): outcomes per arm x visit, AE incidence per arm x term, "
+        "subject timelines.",
+    ),
+    "reconcile": (
+        "fhir_adapter.cli.sync",
+        "Compare the outbox with what the server holds: missing, extra, differing, duplicated"
+        " resources and dangling references.",
+    ),
+    "report": (
+        "fhir_adapter.cli.report",
+        "Plots, tables and summary.json of the trial: outcomes per arm x visit (MASI with 95 "
+        "% CI, PGA, satisfaction), adverse-event incidence per arm x term, data-quality "
+        "flags.",
+    ),
+    "score": (
+        "fhir_adapter.cli.data",
+        "Score a masi.csv file: JSON Lines on stdout, one object per subject x visit.",
+    ),
+    "serve": (
+        "fhir_adapter.cli.serve",
+        "Run the webhook (POST /ingest/<kind>, /fhir/notify, /healthz, /readyz, /metrics, "
+        "/openapi.json) under gunicorn, and the delivery worker beside it.",
+    ),
+    "subscribe": (
+        "fhir_adapter.cli.serve",
+        "Create (or update) the R4 rest-hook Subscription that tells the adapter when a "
+        "rater's MASI Observation changes on the FHIR server.",
+    ),
+    "sync": (
+        "fhir_adapter.cli.sync",
+        "Bring a FHIR server in step with a directory of source files, exactly once in effect.",
+    ),
+    "test-server": (
+        "fhir_adapter.cli.sync",
+        "Run the local in-memory FHIR R4 test server (Medplum engine) until Ctrl-C.",
+    ),
+    "validate": (
+        "fhir_adapter.cli.data",
+        "Validate a directory of the eCRF export (participants.csv, eligibility.csv, "
+        "masi.csv, pga.csv, satisfaction.csv, adverse_events.csv): rows read, accepted, "
+        'rejected per file ("dropped": rows kept without a value that was rejected, e.g. an '
+        "MRN off the pattern).",
+    ),
+    "view": (
+        "fhir_adapter.cli.query",
+        "Run one SQL-on-FHIR v2 ViewDefinition over NDJSON files/directories or a FHIR server.",
+    ),
+    "worker": (
+        "fhir_adapter.cli.serve",
+        "Run the delivery worker alone: map the inbox, send the outbox, follow notifications.",
+    ),
+}
+
+
+def load_commands() -> None:
+    """Import every command's module (what ``--help`` of a lazy command group avoids)."""
+    for module, _ in LAZY_COMMANDS.values():
+        importlib.import_module(module)
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on first use (start-up: ~1 s of imports less)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in LAZY_COMMANDS:
+            importlib.import_module(LAZY_COMMANDS[cmd_name][0])
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """As click's, with the help of commands not yet imported from the table."""
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = []
+        for name in names:
+            command = self.commands.get(name)
+            if command is None:
+                # a stand-in with the same help: click's own shortening
+                stand_in = click.Command(name, help=LAZY_COMMANDS[name][1])
+                text = stand_in.get_short_help_str(limit)
+            elif command.hidden:
+                continue
+            else:
+                text = command.get_short_help_str(limit)
+            rows.append((name, text))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fhir-adapter")
 @click.option(
     "--log-level",

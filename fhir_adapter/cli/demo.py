@@ -160,7 +160,12 @@ def _map(app: AppContext, data: Path, out: Path) -> None:
         mapper = DatasetMapper(ctx, _fresh(app), threshold=app.threshold(None))
         counts: Counter[str] = Counter()
         target = out / "fhir" / version.lower()
-        resources = validated(mapper.resources(data), ctx.terminology, version)
+        resources = validated(
+            mapper.resources(data),
+            ctx.terminology,
+            version,
+            strict=app.settings.strict_validation,
+        )
         target.mkdir(parents=True, exist_ok=True)
         with (target / "all.ndjson").open("wb") as fh:
             written = write_ndjson(resources, fh)

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
+from functools import cache
 from typing import Annotated, Any, ClassVar
 
 from pydantic import (
@@ -206,10 +207,12 @@ class Record(BaseModel):
         free text included); an empty result means "absent". Control characters reject the
         value whatever the field."""
         if isinstance(data, dict):
+            fields = _field_names(cls)  # not cls.model_fields: a property, slow per row
+            free_text = cls.free_text_fields
             cleaned: dict[str, Any] = {}
             for key, value in data.items():
-                if isinstance(value, str) and key in cls.model_fields:
-                    _check_controls(key, value, key in cls.free_text_fields)
+                if isinstance(value, str) and key in fields:
+                    _check_controls(key, value, key in free_text)
                     value = value.strip() or None  # trailing blanks, empty cells
                 cleaned[key] = value
             return cleaned
@@ -228,6 +231,11 @@ class Record(BaseModel):
             if ctx is not None and ctx.today is not None and value > ctx.today:
                 raise _err("date_future", "is in the future")
         return value
+
+
+@cache
+def _field_names(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(model.model_fields)
 
 
 def _check_controls(key: str, value: str, free_text: bool) -> None:

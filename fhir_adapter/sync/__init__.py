@@ -14,7 +14,9 @@ from fhir_adapter.jsonout import dumpb
 from fhir_adapter.mapping.context import MappingContext, Resource
 from fhir_adapter.mapping.dataset import DatasetMapper
 from fhir_adapter.mapping.validation import ValueSetChecker, validate_structure
+from fhir_adapter.settings import Settings
 from fhir_adapter.sync.engine import Sender, SendSummary
+from fhir_adapter.sync.fingerprint import input_fingerprint
 from fhir_adapter.sync.outbox import Outbox, RefusedRemoval, StageResult, content_hash
 
 
@@ -26,6 +28,8 @@ class SyncResult:
     unreadable: list[str]
     removed: list[tuple[str, str]] = field(default_factory=list)
     plan: dict[str, int] | None = None
+    #: staging was skipped: the inputs and the outbox are as the last clean sync left them
+    inputs_unchanged: bool = False
 
     @property
     def refused_removals(self) -> list[RefusedRemoval]:
@@ -45,6 +49,7 @@ class SyncResult:
             ],
             "rejected_rows": self.rejected_rows,
             "unreadable": self.unreadable,
+            "inputs_unchanged": self.inputs_unchanged,
         }
         if self.send is not None:
             out.update(self.send.as_dict())
@@ -127,9 +132,19 @@ def sync_directory(
         return _dry_run(
             directory, ctx=ctx, intake=intake, outbox_path=outbox_path, **guard, **mapper_kw
         )
+    options = {**guard, **mapper_kw, "intake": (intake.settings or Settings()).model_dump_json()}
+    fingerprint = input_fingerprint(directory, ctx=ctx, settings=settings, options=options)
+    today = intake.today.isoformat() if intake.today else ""
     with Outbox(outbox_path) as outbox, outbox.writer_lock(settings.lock_timeout_s):
         outbox.bind_server(client.base_url)
-        stage, mapper = stage_directory(outbox, ctx, intake, directory, **guard, **mapper_kw)
+        skipped = None if fingerprint is None else outbox.unchanged_stage(fingerprint, today)
+        if skipped is not None:
+            # staging these very inputs again would change nothing (fingerprint.py)
+            stage, unreadable = StageResult(unchanged=skipped), []
+        else:
+            outbox.forget_clean_stage()
+            stage, mapper = stage_directory(outbox, ctx, intake, directory, **guard, **mapper_kw)
+            unreadable = mapper.unreadable
         sender = Sender(
             client,
             outbox,
@@ -139,7 +154,17 @@ def sync_directory(
             on_progress=on_progress,
         )
         send = sender.run()
-    return SyncResult(stage, send, intake.rejected, mapper.unreadable, list(stage.removed_keys))
+        clean = not (intake.issues or intake.rejected or unreadable or stage.refused_removals)
+        # the files read while staging must be the ones fingerprinted (none changed meanwhile)
+        unchanged = fingerprint == input_fingerprint(
+            directory, ctx=ctx, settings=settings, options=options
+        )
+        if fingerprint is not None and clean and unchanged and outbox.settled():
+            staged = stage.new + stage.changed + stage.unchanged
+            outbox.record_clean_stage(fingerprint, today, staged)
+    result = SyncResult(stage, send, intake.rejected, unreadable, list(stage.removed_keys))
+    result.inputs_unchanged = skipped is not None
+    return result
 
 
 def _dry_run(

@@ -565,10 +565,11 @@ class Sender:
         uncertain: list[Row] = []
         last: ServerError | None = None
         with self.outbox.transaction():
+            letters = self.outbox.dead_letter_count() > 0  # none: nothing to clear per row
             for row, entry, outcome in zip(rows, entries, outcomes, strict=True):
                 method = entry["request"]["method"]
                 if outcome.kind == "landed":
-                    self._landed(row, method, outcome)
+                    self._landed(row, method, outcome, letters=letters)
                 elif outcome.kind == "refused" or (
                     outcome.kind == "conflict" and method == "DELETE"
                 ):
@@ -585,7 +586,9 @@ class Sender:
                     last = outcome.error
         return retry, uncertain, last
 
-    def _landed(self, row: Row, method: str, outcome: EntryOutcome) -> None:
+    def _landed(
+        self, row: Row, method: str, outcome: EntryOutcome, *, letters: bool = True
+    ) -> None:
         if method == "DELETE":
             self.outbox.mark_deleted(row)
             self._server_ids.pop(row.key, None)
@@ -593,7 +596,7 @@ class Sender:
             return
         assert outcome.server_id is not None  # noqa: S101 - entry_outcome guarantees it
         created = method == "POST" or outcome.created
-        self.outbox.mark_sent(row, outcome.server_id, outcome.version)
+        self.outbox.mark_sent(row, outcome.server_id, outcome.version, letters=letters)
         self._server_ids[row.key] = outcome.server_id
         self._count_landed(row, created)
 

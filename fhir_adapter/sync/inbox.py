@@ -4,7 +4,8 @@ One row per record **business key** (a participant's ``subject_id``; a rater MAS
 ``subject_id/visit/rater_id``; …): a record sent again is an update, never a duplicate. A row is
 committed (WAL, ``synchronous=FULL``) before the webhook answers ``202``, so an accepted record
 survives a killed process and an unreachable FHIR server; the delivery worker maps the rows
-and hands the resources to the outbox.
+and hands the resources to the outbox. Concurrent requests of one process share a commit
+(:class:`GroupCommit`: one fsync per batch, each request still all or none).
 
 The same database holds what every web worker process must share: the caches that refuse a
 replayed signature or an already seen ``webhook-id``, the request counters behind ``/metrics``
@@ -23,9 +24,10 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +176,96 @@ class RetractRefused(Exception):
     """A retraction that would leave other records pointing at nothing."""
 
 
+class InboxUnavailable(Exception):
+    """The commit holding a request's records failed: nothing of it was kept (retry later)."""
+
+
+@dataclass
+class _Request:
+    """One request's records waiting for the commit that holds them."""
+
+    kind: str
+    records: Sequence[Mapping[str, Any]]
+    origin: str
+    claims: tuple[Claim, ...]
+    result: list[Accepted] | None = None
+    error: Exception | None = None
+    done: bool = False
+    lead: bool = False  # woken to commit the next batch, not because its own is done
+    wake: threading.Event = field(default_factory=threading.Event)
+
+
+class GroupCommit:
+    """Group commit of the inbox across the threads of one process.
+
+    A request joins the queue; if no commit is under way its thread becomes the leader: it
+    takes the write lock, then the whole queue (everything that arrived meanwhile), writes it
+    in one transaction and commits (one fsync for the batch), then wakes every request of the
+    batch and hands the lead to the first request that queued during the commit. No request
+    returns before the commit holding its records; a failed commit fails the whole batch.
+    Worker processes each have their own group; SQLite (and the inbox's flock) serialize them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[_Request] = []
+        self._busy = False  # a leader is committing
+        self.batches = 0  # commits made (for tests and the benchmark's figures)
+        self.requests = 0  # requests they held
+
+    def submit(self, inbox: Inbox, request: _Request) -> None:
+        with self._lock:
+            self._queue.append(request)
+            request.lead = not self._busy
+            self._busy = True
+        while not request.lead:
+            request.wake.wait()
+            request.wake.clear()
+            if request.done:
+                return
+        self._lead(inbox)
+
+    def waiting(self) -> int:
+        """Requests queued for a commit (the one under way or the next)."""
+        with self._lock:
+            return len(self._queue)
+
+    def _take(self) -> list[_Request]:
+        with self._lock:
+            batch, self._queue = self._queue, []
+        return batch
+
+    def _lead(self, inbox: Inbox) -> None:
+        taken: list[_Request] = []  # every request this leader took, whatever happens
+
+        def take() -> list[_Request]:
+            batch = self._take()
+            taken.extend(batch)
+            return batch
+
+        try:
+            inbox._commit_batch(take)
+        except BaseException as exc:  # not a database error (those fail the batch): a bug
+            if not taken:
+                take()
+            failure = exc if isinstance(exc, Exception) else InboxUnavailable(type(exc).__name__)
+            for request in taken:
+                request.result, request.error = None, failure
+            raise
+        finally:
+            with self._lock:
+                self.batches += 1
+                self.requests += len(taken)
+                for request in taken:
+                    request.done = True
+                    request.wake.set()
+                if self._queue:  # arrived during the commit: the next batch, led by its first
+                    self._queue[0].lead = True
+                    self._queue[0].wake.set()
+                else:
+                    self._busy = False
+
+
 _ROW_COLUMNS = "kind, rkey, ident, subject, record, origin, state, retracted, seq, received_at"
 
 
@@ -195,8 +287,12 @@ def _row(r: Sequence[Any]) -> InboxRow:
 class Inbox:
     """The inbox tables of one outbox database (one connection; one per thread)."""
 
-    def __init__(self, path: Path, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, path: Path, *, timeout_s: float = 30.0, group: GroupCommit | None = None
+    ) -> None:
         self.path = path
+        # the connections of one process share a group; alone, a request is its own batch
+        self._group = group or GroupCommit()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(
             str(path), isolation_level=None, timeout=timeout_s, check_same_thread=False
@@ -230,10 +326,11 @@ class Inbox:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield
+                self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:  # a failed COMMIT may have rolled back already
+                    self.db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
         finally:
             fcntl.flock(self._queue, fcntl.LOCK_UN)
 
@@ -272,8 +369,10 @@ class Inbox:
         }
 
     def _next_seq(self) -> int:
-        self._bump("seq")
-        row = self.db.execute("SELECT value FROM inbox_counters WHERE name = 'seq'").fetchone()
+        row = self.db.execute(
+            "INSERT INTO inbox_counters (name, value) VALUES ('seq', 1) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + 1 RETURNING value"
+        ).fetchone()
         return int(row[0])
 
     # -- records ---------------------------------------------------------------------------
@@ -287,22 +386,64 @@ class Inbox:
     ) -> list[Accepted]:
         """Commit validated records of one request, all or none; returns their keys.
 
+        Returns only once the transaction holding the records is committed (durably: WAL,
+        ``synchronous=FULL``). Concurrent requests of this process share one commit (see
+        :class:`GroupCommit`); each keeps its own all-or-none rule.
+
         ``claims`` (the request's signature, its message id) are remembered in the same
-        transaction: one commit per request, and a replay racing its original on another
-        worker keeps nothing (:class:`Replayed`). Raises :class:`InboxConflict` (nothing kept)
-        when a subject x visit would get more raters than the trial allows, counting the raters
-        the inbox already holds.
+        transaction, so a replay racing its original on another worker keeps nothing
+        (:class:`Replayed`). Raises :class:`InboxConflict` (nothing kept) when a subject x visit
+        would get more raters than the trial allows, counting the raters the inbox already
+        holds; :class:`InboxUnavailable` when the commit failed (nothing of the request kept).
         """
-        now = time.time()
-        out: list[Accepted] = []
-        with self.transaction():
-            self._claim(claims)
-            if kind == "masi":
-                self._check_raters(records)
-            for record in records:
-                out.append(self._upsert(kind, record, origin, now))
-            self._bump(f"accepted:{kind}", len(records))
-        return out
+        request = _Request(kind, records, origin, tuple(claims))
+        self._group.submit(self, request)
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None  # noqa: S101 - set by the commit that succeeded
+        return request.result
+
+    def _commit_batch(self, take: Callable[[], list[_Request]]) -> list[_Request]:
+        """One transaction for the requests ``take()`` hands over once the write lock is held
+        (those that queued while an earlier batch committed): each in a savepoint of its own,
+        so a refused request keeps nothing and fails nothing else. Any database error fails
+        the whole batch (:class:`InboxUnavailable` for every request of it)."""
+        batch: list[_Request] = []
+        try:
+            with self.transaction():
+                batch = take()
+                now = time.time()
+                accepted: Counter[str] = Counter()
+                for request in batch:
+                    if self._apply(request, now):
+                        accepted[request.kind] += len(request.records)
+                for kind, n in accepted.items():  # one counter update per kind and batch
+                    self._bump(f"accepted:{kind}", n)
+        except sqlite3.Error as exc:
+            batch = batch or take()
+            failure = InboxUnavailable(f"the inbox could not commit ({exc.__class__.__name__})")
+            for request in batch:
+                request.result, request.error = None, failure
+        return batch
+
+    def _apply(self, request: _Request, now: float) -> bool:
+        """Write one request of a batch in a savepoint; False: refused (it kept nothing)."""
+        self.db.execute("SAVEPOINT request")
+        try:
+            self._claim(request.claims)
+            if request.kind == "masi":
+                self._check_raters(request.records)
+            out = [self._upsert(request.kind, r, request.origin, now) for r in request.records]
+        except sqlite3.Error:
+            raise  # the transaction itself is in doubt: the whole batch fails
+        except Exception as exc:  # this request's own refusal (or bug): only it fails
+            self.db.execute("ROLLBACK TO request")
+            self.db.execute("RELEASE request")
+            request.error = exc
+            return False
+        self.db.execute("RELEASE request")
+        request.result = out
+        return True
 
     def _check_raters(self, records: Sequence[Mapping[str, Any]]) -> None:
         wanted: dict[tuple[str, str], dict[str, int]] = {}
@@ -527,14 +668,16 @@ def _like_prefix(prefix: str) -> str:
 class ThreadInboxes:
     """One :class:`Inbox` connection per thread (web workers are threaded)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, timeout_s: float = 30.0) -> None:
         self.path = path
+        self.timeout_s = timeout_s
+        self.group = GroupCommit()  # the connections of this process commit together
         self._local = threading.local()
 
     def get(self) -> Inbox:
         inbox: Inbox | None = getattr(self._local, "inbox", None)
         if inbox is None:
-            inbox = Inbox(self.path)
+            inbox = Inbox(self.path, timeout_s=self.timeout_s, group=self.group)
             self._local.inbox = inbox
         return inbox
 
@@ -547,9 +690,11 @@ __all__ = [
     "PRIMARY_TYPE",
     "Accepted",
     "Claim",
+    "GroupCommit",
     "Inbox",
     "InboxConflict",
     "InboxRow",
+    "InboxUnavailable",
     "Problem",
     "Replayed",
     "RetractRefused",

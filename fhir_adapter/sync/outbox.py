@@ -76,6 +76,26 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE TABLE IF NOT EXISTS learned_types (rtype TEXT PRIMARY KEY);
 """
 
+# The record of the last clean sync (meta ``clean_stage``, the unchanged re-sync's shortcut)
+# holds only while the outbox is exactly as that sync left it: every write to a row or a dead
+# letter, by whatever process or version of the adapter, deletes it. (Where there is no record,
+# which is the case during a sync, a trigger costs one index look-up, no write.)
+_FORGET = "DELETE FROM meta WHERE key = 'clean_stage';"
+_TRIGGERS = f"""
+CREATE TRIGGER IF NOT EXISTS resources_insert_forgets AFTER INSERT ON resources
+    BEGIN {_FORGET} END;
+CREATE TRIGGER IF NOT EXISTS resources_update_forgets AFTER UPDATE ON resources
+    BEGIN {_FORGET} END;
+CREATE TRIGGER IF NOT EXISTS resources_delete_forgets AFTER DELETE ON resources
+    BEGIN {_FORGET} END;
+CREATE TRIGGER IF NOT EXISTS dead_letters_insert_forgets AFTER INSERT ON dead_letters
+    BEGIN {_FORGET} END;
+CREATE TRIGGER IF NOT EXISTS dead_letters_update_forgets AFTER UPDATE ON dead_letters
+    BEGIN {_FORGET} END;
+CREATE TRIGGER IF NOT EXISTS dead_letters_delete_forgets AFTER DELETE ON dead_letters
+    BEGIN {_FORGET} END;
+"""
+
 # Types whose status has entered-in-error: a removed record is retracted, not deleted.
 RETRACTABLE = {
     "R4": frozenset({"Observation", "Encounter", "Consent"}),
@@ -260,6 +280,7 @@ class Outbox:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=30000")
         self.db.executescript(_SCHEMA)
+        self.db.executescript(_TRIGGERS)
         version = self.get_meta("schema_version")
         if version is not None and int(version) > SCHEMA_VERSION:
             raise ConfigurationError(
@@ -333,6 +354,40 @@ class Outbox:
                 f"the outbox {self.path} belongs to {known}, not {base_url}; "
                 "use another --outbox for another server"
             )
+
+    # -- the unchanged re-sync ---------------------------------------------------------------
+    def settled(self) -> bool:
+        """Nothing left to send, refused or held back: every row landed or removed."""
+        row = self.db.execute(
+            "SELECT EXISTS (SELECT 1 FROM resources WHERE state NOT IN ('sent', 'tombstone')) "
+            "OR EXISTS (SELECT 1 FROM dead_letters)"
+        ).fetchone()
+        return not row[0]
+
+    def record_clean_stage(self, fingerprint: str, today: str, staged: int) -> None:
+        """A sync of inputs with digest ``fingerprint`` ended clean and settled: an identical
+        run may skip staging until anything writes to the outbox (which deletes this record)."""
+        known = {"fingerprint": fingerprint, "today": today, "staged": staged}
+        self.set_meta("clean_stage", orjson.dumps(known).decode())
+
+    def forget_clean_stage(self) -> None:
+        self.db.execute("DELETE FROM meta WHERE key = 'clean_stage'")
+
+    def unchanged_stage(self, fingerprint: str, today: str) -> int | None:
+        """How many resources the recorded clean stage had, when staging inputs with digest
+        ``fingerprint`` on ``today`` would change nothing; None otherwise."""
+        raw = self.get_meta("clean_stage")
+        if raw is None:
+            return None
+        try:
+            known = orjson.loads(raw)
+            same = (
+                known["fingerprint"] == fingerprint
+                and str(known["today"]) <= today  # ISO dates: the clock did not go back
+            )
+            return int(known["staged"]) if same else None
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
 
     # -- staging ---------------------------------------------------------------------------
     def stage(
@@ -581,15 +636,15 @@ class Outbox:
         )
 
     def mark_sending(self, rows: Iterable[Row]) -> None:
+        writes = [row for row in rows if row.state != "delete"]
         with self.transaction():
-            for row in rows:
-                if row.state != "delete":
-                    self.db.execute(
-                        "UPDATE resources SET state = 'sending', attempts = attempts + 1 "
-                        "WHERE rtype = ? AND bkey = ?",
-                        (row.rtype, row.bkey),
-                    )
-                    row.state = "sending"
+            self.db.executemany(
+                "UPDATE resources SET state = 'sending', attempts = attempts + 1 "
+                "WHERE rtype = ? AND bkey = ?",
+                [(row.rtype, row.bkey) for row in writes],
+            )
+        for row in writes:
+            row.state = "sending"
 
     def mark_unsent(self, rows: Iterable[Row]) -> None:
         """The server did not apply them (refused connection, 503): plain pending again."""
@@ -599,13 +654,18 @@ class Outbox:
                     self.mark_pending(row)
                     row.state = "pending"
 
-    def mark_sent(self, row: Row, server_id: str, version: str | None) -> None:
+    def mark_sent(
+        self, row: Row, server_id: str, version: str | None, *, letters: bool = True
+    ) -> None:
+        """Landed. ``letters=False``: the caller knows the outbox holds no dead letter (one
+        statement per landed row instead of two)."""
         self.db.execute(
             "UPDATE resources SET state = 'sent', server_id = ?, version_id = ?, sent_hash = ?, "
             "last_error = NULL WHERE rtype = ? AND bkey = ?",
             (server_id, version, row.hash, row.rtype, row.bkey),
         )
-        self._delete_letter(row.rtype, row.bkey)
+        if letters:
+            self._delete_letter(row.rtype, row.bkey)
         row.state, row.server_id, row.version_id = "sent", server_id, version
 
     def mark_deleted(self, row: Row) -> None:
@@ -766,7 +826,6 @@ class Outbox:
                 )
             self._delete_letter(found["resourceType"], found["key"])
         return found
-
 
     # -- appended for the webhook layer (SPEC §8) ------------------------------------------
     def by_server_id(self, rtype: str, server_id: str) -> Row | None:

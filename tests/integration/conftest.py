@@ -645,7 +645,8 @@ class ServeProcess:
             try:
                 if requests.get(f"{self.url}/healthz", timeout=2).status_code == 200:
                     return self
-            except (requests.ConnectionError, requests.Timeout):  # still starting (a busy host)
+            # bound but its workers still booting (seconds on a loaded machine): try again
+            except (requests.ConnectionError, requests.Timeout):
                 pass
             time.sleep(0.1)
         raise AssertionError(f"serve did not start: {self.log.read_text()[-3000:]}")

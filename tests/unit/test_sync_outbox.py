@@ -239,3 +239,67 @@ def test_requeue_referrers_finds_bodies_that_refer_to_a_resource(outbox: Outbox)
     landed(outbox)
     assert outbox.requeue_referrers("Patient", "S1") == [("Observation", f"{OBS}|M1")]
     assert [(r.rtype, r.local_id) for r in outbox.to_send()] == [("Observation", "M1")]
+
+
+# -- the unchanged re-sync's record (issue 15) ---------------------------------------------------
+def test_every_write_to_a_row_or_a_dead_letter_forgets_the_clean_record(outbox: Outbox) -> None:
+    def recorded() -> bool:
+        outbox.record_clean_stage("digest", "2026-01-10", 1)
+        return outbox.unchanged_stage("digest", "2026-01-10") == 1
+
+    assert recorded()
+    stage(outbox, 2)
+    assert outbox.unchanged_stage("digest", "2026-01-10") is None
+    assert recorded()
+    outbox.set_meta("anything", "x")  # meta is not outbox content
+    assert outbox.unchanged_stage("digest", "2026-01-10") == 1
+    row = outbox.to_send()[0]
+    outbox.mark_dead(row, 400, "refused", None, "POST")
+    assert outbox.unchanged_stage("digest", "2026-01-10") is None
+    assert recorded()
+    outbox.drop_dead_letter(outbox.dead_letters()[0]["id"])  # a dead letter deleted, no row
+    assert outbox.unchanged_stage("digest", "2026-01-10") is None
+
+
+def test_a_write_by_another_connection_forgets_it_too(outbox: Outbox) -> None:
+    """The triggers live in the file: any process, any version of the adapter, plain SQL."""
+    stage(outbox, 1)
+    landed(outbox)
+    outbox.record_clean_stage("digest", "2026-01-10", 1)
+    other = sqlite3.connect(str(outbox.path))
+    other.execute("UPDATE resources SET state = 'pending'")
+    other.commit()
+    other.close()
+    assert outbox.unchanged_stage("digest", "2026-01-10") is None
+
+
+def test_a_recorded_clean_stage_holds_only_while_nothing_changes(outbox: Outbox) -> None:
+    stage(outbox, 3)
+    landed(outbox)
+    assert outbox.settled()
+    outbox.record_clean_stage("digest", "2026-01-10", 3)
+    assert outbox.unchanged_stage("digest", "2026-01-10") == 3
+    assert outbox.unchanged_stage("digest", "2026-02-01") == 3  # a later day: still clean
+    assert outbox.unchanged_stage("digest", "2026-01-09") is None  # the clock went back
+    assert outbox.unchanged_stage("other", "2026-01-10") is None
+    outbox.requeue(outbox.row("Observation", f"{OBS}|M0"))  # type: ignore[arg-type]
+    assert outbox.unchanged_stage("digest", "2026-01-10") is None
+    assert not outbox.settled()
+
+
+def test_forgotten_or_garbled_records_hold_nothing(outbox: Outbox) -> None:
+    outbox.record_clean_stage("digest", "2026-01-10", 0)
+    outbox.forget_clean_stage()
+    assert outbox.unchanged_stage("digest", "2026-01-10") is None
+    outbox.set_meta("clean_stage", "{not json")
+    assert outbox.unchanged_stage("digest", "2026-01-10") is None
+
+
+def test_settled_means_nothing_to_send_refused_or_held(outbox: Outbox) -> None:
+    assert outbox.settled()
+    stage(outbox, 2)
+    assert not outbox.settled()  # pending
+    landed(outbox)
+    assert outbox.settled()
+    stage(outbox, 1, allow_removals=True)  # M1 removed: retracted, pending again
+    assert not outbox.settled()
