@@ -59,8 +59,11 @@ ACTIONS = frozenset(
         "drop-interactions",
     }
 )
+# Cache-Control too: HAPI answers a repeated search from a 60 s cache unless told no-cache — a
+# proxy that drops the header makes a look-up after an uncertain answer see the empty result of
+# the search made before the write (seen: every record of that Bundle created twice)
 _FORWARDED_HEADERS = ("Accept", "Content-Type", "If-Match", "If-None-Exist", "Prefer",
-                      "Authorization")  # fmt: skip
+                      "Authorization", "Cache-Control")  # fmt: skip
 _KEPT_HEADERS = ("Content-Type", "Location", "Content-Location", "ETag", "Last-Modified",
                  "Retry-After")  # fmt: skip
 GATEWAY_PAGE = b"<html><head><title>Gateway</title></head><body>Please wait...</body></html>"

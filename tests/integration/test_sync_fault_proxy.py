@@ -116,17 +116,6 @@ def assert_all_sent(cli: AdapterCli, planned: dict[str, int]) -> None:
     assert {t: s["sent"] for t, s in counts.items()} == planned
 
 
-# Open (issue 14): on HAPI an uncertain Bundle answer is not yet resolved by the look-up (seen:
-# `strip-location` on HAPI exits 65 with every record undelivered, "HTTP 201 without a
-# location"); marked strictly, so the fix shows as XPASS -> failure and the mark goes.
-HAPI_UNCERTAIN_OPEN = "HAPI: uncertain answers not yet resolved by the look-up (issue 14, open)"
-
-
-def open_on_hapi(request: pytest.FixtureRequest, target: SyncTarget) -> None:
-    if target.hapi:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=HAPI_UNCERTAIN_OPEN))
-
-
 def lookups_after_first_bundle(proxy: FaultProxy) -> list[str]:
     """Searches by business identity made once sending had begun: the look-ups that resolve
     uncertain answers (the first searches, before any Bundle, learn what the server holds)."""
@@ -154,10 +143,7 @@ def test_applied_but_answered_badly_is_looked_up_not_resent(
     planned: dict[str, int],
     action: str,
     kw: dict[str, Any],
-    request: pytest.FixtureRequest,
-    sync_target: SyncTarget,
 ) -> None:
-    open_on_hapi(request, sync_target)
     # the 2nd and 5th Bundles are applied by the server, the client hears nonsense
     first = fault_proxy.add(action, skip=1, times=1, **kw)
     second = fault_proxy.add(action, skip=4, times=1, **kw)
@@ -179,10 +165,7 @@ def test_2xx_entries_without_location_are_resolved_by_look_up(
     server: FhirView,
     six: Path,
     planned: dict[str, int],
-    request: pytest.FixtureRequest,
-    sync_target: SyncTarget,
 ) -> None:
-    open_on_hapi(request, sync_target)
     fault_proxy.add("strip-location", times=None)  # every Bundle answer, all along
     result = summary(sync(cli, six))
     assert result["undelivered"] == result["dead_lettered"] == 0
