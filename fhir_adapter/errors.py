@@ -98,6 +98,12 @@ class OutcomeUncertain(ServerError):
     exit_code = ExitCode.SERVER_UNAVAILABLE
 
 
+class LookupRefused(OutcomeUncertain):
+    """The server refused a look-up by business identity (4xx to the search): what it holds
+    stays unknown, so the records concerned stay undelivered — never taken for "not held",
+    which would create them twice. Not retried (the same search would be refused again)."""
+
+
 class Conflict(ServerError):
     """409 / 412: a concurrent change or a version mismatch."""
 

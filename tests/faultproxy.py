@@ -18,6 +18,9 @@ action                      what the client sees (and whether the server applied
                             the Bundle forwarded; answers merged in order
 ``entry-status``            like ``refuse-entry`` with any status; ``applied=True`` forwards
                             those entries and replaces their answer instead
+``corrupt-entry``           entries matching ``entry`` changed by ``patch`` (default: an invalid
+                            ``birthDate``), then forwarded: the *server* refuses them, as it
+                            does (per entry, or — atomic — the whole transaction)
 ``drop-interactions``       ``/metadata`` without the system interactions in ``interactions``
 ==========================  ================================================================
 
@@ -52,11 +55,15 @@ ACTIONS = frozenset(
         "strip-location",
         "refuse-entry",
         "entry-status",
+        "corrupt-entry",
         "drop-interactions",
     }
 )
+# Cache-Control too: HAPI answers a repeated search from a 60 s cache unless told no-cache — a
+# proxy that drops the header makes a look-up after an uncertain answer see the empty result of
+# the search made before the write (seen: every record of that Bundle created twice)
 _FORWARDED_HEADERS = ("Accept", "Content-Type", "If-Match", "If-None-Exist", "Prefer",
-                      "Authorization")  # fmt: skip
+                      "Authorization", "Cache-Control")  # fmt: skip
 _KEPT_HEADERS = ("Content-Type", "Location", "Content-Location", "ETag", "Last-Modified",
                  "Retry-After")  # fmt: skip
 GATEWAY_PAGE = b"<html><head><title>Gateway</title></head><body>Please wait...</body></html>"
@@ -116,6 +123,7 @@ class Fault:
     entry_status: int = 400
     applied: bool = False  # entry-status: forward the entries, then replace their answers
     interactions: frozenset[str] = frozenset()  # drop-interactions
+    patch: dict[str, Any] = field(default_factory=lambda: {"birthDate": "not-a-date"})
     seen: int = 0  # matching requests so far
     fired: int = 0
 
@@ -301,6 +309,8 @@ class FaultProxy:
             answer = _strip_location(self.forward(request))
         elif action in ("refuse-entry", "entry-status"):
             answer = self._entries(request, fault)
+        elif action == "corrupt-entry":
+            answer = self.forward(request, _corrupted(request, fault))
         else:  # drop-interactions
             answer = _drop_interactions(self.forward(request), fault.interactions)
         self._record(request, answer.status, fault)
@@ -342,6 +352,22 @@ class FaultProxy:
         kind = "batch-response" if bundle.get("type") == "batch" else "transaction-response"
         content = json.dumps({"resourceType": "Bundle", "type": kind, "entry": answers}).encode()
         return _Answer(200, {"Content-Type": "application/fhir+json"}, content)
+
+
+def _corrupted(request: ProxyRequest, fault: Fault) -> bytes:
+    """The request body with ``fault.patch`` applied to the resources ``fault.entry`` picks."""
+    pick = fault.entry or (lambda _e: True)
+    bundle = request.bundle
+    if bundle is None:
+        resource = request.json
+        if isinstance(resource, dict) and pick({"resource": resource, "request": {}}):
+            resource = {**resource, **fault.patch}
+        return json.dumps(resource).encode()
+    entries = [
+        {**e, "resource": {**e["resource"], **fault.patch}} if pick(e) and "resource" in e else e
+        for e in bundle.get("entry", [])
+    ]
+    return json.dumps({**bundle, "entry": entries}).encode()
 
 
 @dataclass

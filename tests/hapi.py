@@ -42,6 +42,7 @@ MIN_JAVA = 17
 BUILD_TIMEOUT_S = 1800.0  # a first build downloads ~300 MB into ~/.m2
 STARTUP_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 20.0
+EXPUNGE_ATTEMPTS = 10
 
 # Start-up matters more than peak speed for a test server: C1 only (no C2 warm-up), serial GC
 # (2 cores shared), a heap that holds the validator's R4 definitions.
@@ -305,15 +306,21 @@ class HapiServer:
         for entry in found.json().get("entry", []):
             gone = session.delete(f"{self.base_url}/Subscription/{entry['resource']['id']}", timeout=60)
             gone.raise_for_status()
-        expunged = session.post(
-            f"{self.base_url}/$expunge",
-            json={
-                "resourceType": "Parameters",
-                "parameter": [{"name": "expungeEverything", "valueBoolean": True}],
-            },
-            headers={"Content-Type": "application/fhir+json"},
-            timeout=300,
-        )
+        for attempt in range(EXPUNGE_ATTEMPTS):
+            expunged = session.post(
+                f"{self.base_url}/$expunge",
+                json={
+                    "resourceType": "Parameters",
+                    "parameter": [{"name": "expungeEverything", "valueBoolean": True}],
+                },
+                headers={"Content-Type": "application/fhir+json"},
+                timeout=300,
+            )
+            # 409 (HAPI-0550, a foreign key): a write still being committed — e.g. the
+            # transaction of a sync the previous test killed — raced the expunge; again
+            if expunged.status_code != 409 or attempt == EXPUNGE_ATTEMPTS - 1:
+                break
+            time.sleep(1.0)
         if expunged.status_code != 200:
             raise HapiError(f"$expunge answered {expunged.status_code}: {expunged.text[:500]}")
 

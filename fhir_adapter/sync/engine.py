@@ -7,6 +7,8 @@
    whose last send had no certain answer, one paged search per type (by identifier system, or
    ``_tag`` where the server has no ``identifier`` search for the type) finds them by business
    identity; a resource the server already holds with the same content is recorded as landed.
+   Where the server refuses a search by system alone (HAPI: ``_tag=system|``), the exact keys
+   are searched instead, a chunk at a time; a refused look-up leaves the records undelivered.
 3. **Send**, in dependency layers: a layer goes only once every resource it refers to has a
    server id, so no entry refers to another entry of its own Bundle and no reference ever
    points at nothing, whatever the server does with the rest of a Bundle. (With
@@ -48,6 +50,7 @@ from fhir_adapter.client import (
 from fhir_adapter.errors import (
     ConfigurationError,
     Conflict,
+    LookupRefused,
     OutcomeUncertain,
     ServerError,
     ServerRejected,
@@ -63,6 +66,9 @@ LOCAL_REFERENCE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})$")
 # several times faster than walking the parsed resource
 _REFERENCE_BYTES = re.compile(rb'"reference":"([^"\\]*)"')
 MAX_PASSES = 3
+# exact business keys per look-up where the server refuses ``system|`` searches: ~45 characters
+# each once URL-encoded, 40 of them stay far below the 8 KB request line servers accept
+LOOKUP_KEYS = 40
 
 
 @dataclass
@@ -199,6 +205,7 @@ class Sender:
         self._strategies: dict[str, Strategy] = {}
         self._server_ids: dict[str, str] = {}
         self._targets: dict[str, frozenset[str]] = {}
+        self._exact_only: set[tuple[str, str]] = set()  # (type, param) refused as "system|"
 
     # -- identity ----------------------------------------------------------------------------
     def strategy(self, rtype: str) -> Strategy:
@@ -210,12 +217,20 @@ class Sender:
     def _search_param(self, rtype: str) -> str:
         return "identifier" if self.strategy(rtype) == "identifier" else "_tag"
 
-    def look_up(self, rtype: str, systems: Iterable[str]) -> dict[str, list[Held]]:
-        """Business key -> what the server holds under it (one paged search per system)."""
+    def look_up(self, rtype: str, keys: Iterable[str]) -> dict[str, list[Held]]:
+        """Business key -> what the server holds under it: one paged search per system
+        (``system|``), or — where the server refuses that search (HAPI: a token search on
+        ``_tag`` needs a code) — searches for the exact keys, a chunk at a time.
+
+        A refused exact look-up raises :class:`LookupRefused`: the records stay undelivered,
+        never taken for "not held" (that would create them twice)."""
         param = self._search_param(rtype)
+        by_system: dict[str, set[str]] = {}
+        for key in keys:
+            by_system.setdefault(key.split("|", 1)[0], set()).add(key)
         found: dict[str, list[Held]] = {}
-        for system in sorted(set(systems)):
-            for resource in self.client.search_all(rtype, {param: f"{system}|", "_count": "1000"}):
+        for system, wanted in sorted(by_system.items()):
+            for resource in self._search_keys(rtype, param, system, wanted):
                 held = Held(
                     str(resource.get("id")),
                     resource.get("meta", {}).get("versionId"),
@@ -226,11 +241,37 @@ class Sender:
                     found.setdefault(f"{system}|{value}", []).append(held)
         return found
 
+    def _search_keys(
+        self, rtype: str, param: str, system: str, keys: set[str]
+    ) -> list[dict[str, Any]]:
+        """What the server holds of ``system`` (at least every one of ``keys``)."""
+        if (rtype, param) not in self._exact_only:
+            try:
+                return list(self.client.search_all(rtype, {param: f"{system}|", "_count": "1000"}))
+            except ServerRejected as exc:
+                # remembered for the run: one refused search per type, not one per look-up
+                self._exact_only.add((rtype, param))
+                log.info("the server refuses %s?%s=%s| (HTTP %s): looking up exact keys",
+                         rtype, param, system, exc.status)  # fmt: skip
+        found: list[dict[str, Any]] = []
+        ordered = sorted(keys)
+        for start in range(0, len(ordered), LOOKUP_KEYS):
+            chunk = ",".join(ordered[start : start + LOOKUP_KEYS])
+            try:
+                found += self.client.search_all(rtype, {param: chunk, "_count": "1000"})
+            except ServerRejected as exc:
+                raise LookupRefused(
+                    f"the server refused the look-up of {rtype} by {param} (HTTP {exc.status}): "
+                    "what it holds is unknown, so nothing of it is sent",
+                    status=exc.status,
+                ) from None
+        return found
+
     def _look_up_rows(self, rows: list[Row]) -> dict[str, dict[str, list[Held]]]:
-        systems: dict[str, set[str]] = {}
+        keys: dict[str, set[str]] = {}
         for row in rows:
-            systems.setdefault(row.rtype, set()).add(row.bkey.split("|", 1)[0])
-        return {rtype: self.look_up(rtype, s) for rtype, s in sorted(systems.items())}
+            keys.setdefault(row.rtype, set()).add(row.bkey)
+        return {rtype: self.look_up(rtype, k) for rtype, k in sorted(keys.items())}
 
     def learn(self, rows: list[Row]) -> None:
         """One paged search per type whose resources the server may already hold: types this
@@ -415,7 +456,7 @@ class Sender:
                 rows = [r for r in rows if r.state != "sent"]
                 if not rows or not self._send_pass(rows):
                     break
-        except (ServerUnavailable, OutcomeUncertain) as exc:
+        except (ServerUnavailable, OutcomeUncertain) as exc:  # LookupRefused too
             self.summary.undelivered_reason = str(exc)
         self.summary.blocked = self.outbox.blocked()
         self.summary.undelivered = self.outbox.undelivered()

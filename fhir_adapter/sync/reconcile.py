@@ -1,12 +1,14 @@
 """`reconcile`: compare the outbox with what the server holds (SPEC §7).
 
 One paged search per type and identifier system (the sync's own look-up) gives every resource
-the server holds under the trial's business identifiers. Reported: resources the outbox says
-landed but the server lacks (*missing*), resources the server holds that the outbox does not
-know or removed (*extra*), another id or version than recorded (*differing*), one business key
-held more than once (*duplicated*), and references in those resources to nothing on the server
-(*dangling*). ``--repair`` queues the missing, differing and dangling ones again and sends them;
-the outbox is only changed through its own methods.
+the server holds under the trial's business identifiers. Where the server refuses a search by
+system alone (HAPI, for ``_tag``), the look-up asks for the outbox's own keys, so resources the
+outbox never knew cannot be reported as *extra* for those types. Reported: resources the outbox
+says landed but the server lacks (*missing*), resources the server holds that the outbox does
+not know or removed (*extra*), another id or version than recorded (*differing*), one business
+key held more than once (*duplicated*), and references in those resources to nothing on the
+server (*dangling*). ``--repair`` queues the missing, differing and dangling ones again and
+sends them; the outbox is only changed through its own methods.
 """
 
 from __future__ import annotations
@@ -71,8 +73,7 @@ def reconcile(sender: Sender, outbox: Outbox, *, repair: bool = False) -> Reconc
     for rtype in sorted(outbox.types()):
         rows = {r.bkey: r for r in outbox.sent_rows(rtype)}
         rows_by_type[rtype] = rows
-        systems = {k.split("|", 1)[0] for k in [*rows, *outbox.tombstone_keys(rtype)]}
-        held = sender.look_up(rtype, systems)
+        held = sender.look_up(rtype, [*rows, *outbox.tombstone_keys(rtype)])
         server.held[rtype] = held
         server.ids |= {f"{rtype}/{h.server_id}" for hits in held.values() for h in hits}
         _compare(report, outbox, rtype, rows, held, repair=repair)

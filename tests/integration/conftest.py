@@ -89,9 +89,10 @@ def adapter_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 class AdapterCli:
     """``fhir-adapter`` of this venv as a subprocess, bound to one server and one outbox file."""
 
-    def __init__(self, server: str, outbox: Path) -> None:
+    def __init__(self, server: str, outbox: Path, env: Mapping[str, str] | None = None) -> None:
         self.server = server
         self.outbox = outbox
+        self.env = dict(env or {})  # FHIR_ADAPTER_* settings of every run (e.g. atomic)
 
     def argv(self, *args: str) -> list[str]:
         return [str(FHIR_ADAPTER), *args]
@@ -101,7 +102,12 @@ class AdapterCli:
     ) -> CliResult:
         argv = self.argv(*args)
         done = subprocess.run(
-            argv, capture_output=True, text=True, env=adapter_env(env), timeout=timeout, check=False
+            argv,
+            capture_output=True,
+            text=True,
+            env=adapter_env({**self.env, **(env or {})}),
+            timeout=timeout,
+            check=False,
         )
         return CliResult(argv, done.returncode, done.stdout, done.stderr)
 
@@ -111,7 +117,7 @@ class AdapterCli:
             self.argv(*args),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env=adapter_env(),
+            env=adapter_env(self.env),
         )
 
     def spawn(self, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
@@ -121,7 +127,7 @@ class AdapterCli:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=adapter_env(env),
+            env=adapter_env({**self.env, **(env or {})}),
         )
 
     def sync_args(self, directory: Path, *extra: str, server: str | None = None) -> list[str]:
@@ -142,9 +148,11 @@ class AdapterCli:
         server: str | None = None,
         env: Mapping[str, str] | None = None,
         as_json: bool = True,
+        timeout: float = 300,
     ) -> CliResult:
         flags = ("--json",) if as_json else ()
-        return self.run(*self.sync_args(directory, *flags, *extra, server=server), env=env)
+        argv = self.sync_args(directory, *flags, *extra, server=server)
+        return self.run(*argv, env=env, timeout=timeout)
 
     def reconcile(self, *extra: str) -> CliResult:
         return self.run(
@@ -419,6 +427,63 @@ def target_server(request: pytest.FixtureRequest) -> TargetServer:
     """Runs the test once per server kind, against that server emptied."""
     reset = {"medplum": "fhir_reset", "hapi": "hapi_reset"}[request.param]
     return TargetServer(request.param, request.getfixturevalue(reset))
+
+
+# The sync suites (test_sync.py, test_sync_crash.py, test_sync_fault_proxy.py) run once per
+# sync target: Medplum (not atomic: dependency layers), HAPI in dependency layers, and HAPI with
+# FHIR_ADAPTER_ATOMIC_TRANSACTIONS=true (whole chunks in one transaction; HAPI applies a
+# transaction atomically). One HAPI process serves the session, emptied before each test.
+SYNC_TARGETS = ("medplum", "hapi", "hapi-atomic")
+ATOMIC_ENV = {"FHIR_ADAPTER_ATOMIC_TRANSACTIONS": "true"}
+
+
+@dataclass(frozen=True)
+class SyncTarget:
+    """A server the sync suites run against, emptied, with the settings of that run."""
+
+    kind: str  # "medplum" | "hapi" | "hapi-atomic"
+    base_url: str
+
+    @property
+    def server(self) -> str:
+        """The implementation: "medplum" or "hapi"."""
+        return self.kind.split("-", 1)[0]
+
+    @property
+    def hapi(self) -> bool:
+        return self.server == "hapi"
+
+    @property
+    def atomic(self) -> bool:
+        return self.kind == "hapi-atomic"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(ATOMIC_ENV) if self.atomic else {}
+
+    def cli(self, outbox: Path, server: str | None = None) -> AdapterCli:
+        """The CLI bound to this target (or to ``server``, e.g. a proxy in front of it)."""
+        return AdapterCli(server or self.base_url, outbox, env=self.env)
+
+    def view(self) -> FhirView:
+        return FhirView(self.base_url)
+
+
+def emptied_target(request: pytest.FixtureRequest, kind: str) -> SyncTarget:
+    """``kind``'s server emptied (session servers only: usable from any fixture scope)."""
+    if kind == "medplum":
+        medplum: FhirTestServer = request.getfixturevalue("fhir_test_server")
+        medplum.reset()
+        return SyncTarget(kind, medplum.base_url)
+    hapi: HapiServer = request.getfixturevalue("hapi_test_server")
+    hapi.reset()
+    return SyncTarget(kind, hapi.base_url)
+
+
+@pytest.fixture(params=SYNC_TARGETS)
+def sync_target(request: pytest.FixtureRequest) -> SyncTarget:
+    """Runs the test once per sync target, against that server emptied."""
+    return emptied_target(request, request.param)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

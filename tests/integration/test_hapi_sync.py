@@ -9,10 +9,10 @@ What it shows about HAPI (see also test_hapi_server.py):
   without a write (``matched``).
 - The identity strategy: R4 AdverseEvent and Provenance have no ``identifier`` search, so
   ``auto`` matches them by ``_tag``, and HAPI refuses the learn search ``_tag=system|``
-  (HAPI-1218: a token search on ``_tag`` needs a code). Until the sync learns tag-matched types
-  another way, the whole set runs here with ``FHIR_ADAPTER_IDENTITY_STRATEGY=client-id`` (HAPI
-  takes client-assigned, non-numeric ids on ``PUT``); ``auto`` runs on a participants-only set,
-  whose types all have an ``identifier`` search.
+  (HAPI-1218: a token search on ``_tag`` needs a code); the sync then looks up the exact keys.
+  ``auto`` on the whole set runs in test_sync.py (once per server); here the whole set runs
+  with ``FHIR_ADAPTER_IDENTITY_STRATEGY=client-id`` (HAPI takes client-assigned, non-numeric
+  ids on ``PUT``), and ``auto`` on a participants-only set with two outboxes.
 - HAPI answers a repeated search from a 60 s cache: the adapter's searches ask for fresh results.
 """
 

@@ -1,11 +1,17 @@
 """`fhir-adapter sync` when the server, the network or a gateway fails halfway (issue 8).
 
 The CLI runs as a subprocess against the fault-injecting proxy (tests/faultproxy.py) in front of
-the real FHIR server of `fault_upstream` (the in-memory Medplum-engine server; its transactions
-are not atomic). Each test arms a fault, syncs the 6-participant synthetic set (673 resources,
-Bundles of 50) and checks the exit status and summary; each ends by reading the server
-directly: exactly one resource per business key, all of them (the counts a clean run plans),
+the real FHIR server of `fault_upstream`. Each test arms a fault, syncs the 6-participant
+synthetic set (673 resources, Bundles of 50; 3 participants, ~340 resources, on HAPI) and
+checks the exit status and summary; each ends by reading the server directly: exactly one resource per business key, all of them (the counts a clean run plans),
 every reference resolving, none of them ``urn:uuid:`` or conditional.
+
+Every test runs once per sync target (`sync_target`, tests/integration/conftest.py): Medplum,
+HAPI FHIR JPA in dependency layers, HAPI with FHIR_ADAPTER_ATOMIC_TRANSACTIONS=true. The proxy's
+faults are the network's and a gateway's, so they behave alike in front of either server; where
+the *server* refuses an entry (`test_entry_the_server_refuses_…`) each server's own behaviour is
+asserted — Medplum refuses that entry and applies the rest, HAPI refuses the whole transaction
+(nothing applied) — and the adapter's guarantees on both.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from fhir_adapter.generate import generate
 from tests.faultproxy import FaultProxy, ProxyRequest
 
 if TYPE_CHECKING:
-    from conftest import AdapterCli, CliResult, FhirView
+    from conftest import AdapterCli, CliResult, FhirView, SyncTarget
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
@@ -32,26 +38,52 @@ PATIENT = "urn:nct06677931:patient"
 
 
 @pytest.fixture(scope="module")
-def six(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("faults") / "data"
-    generate(directory, n_participants=6, with_bad=False)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def planned(
-    six: Path, tmp_path_factory: pytest.TempPathFactory, make_cli: type[AdapterCli]
-) -> dict[str, int]:
-    """Resources per type a clean run sends (a dry run on a fresh outbox writes nothing)."""
-    cli = make_cli("http://127.0.0.1:9/fhir/R4", tmp_path_factory.mktemp("plan") / "o.sqlite")
-    plan = summary(cli.sync(six, "--dry-run"))["would_send"]
-    return {k.removesuffix(" create or match"): n for k, n in plan.items()}
+def fault_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, dict[str, int]]]:
+    """Synthetic sets by participant count (generated on first use), with what a clean run
+    sends of each, per type (a dry run on a fresh outbox writes nothing)."""
+    return {}
 
 
 @pytest.fixture
-def cli(fault_proxy: FaultProxy, tmp_path: Path, make_cli: type[AdapterCli]) -> AdapterCli:
-    """The CLI talking to the server through the proxy, with a fresh outbox."""
-    return make_cli(fault_proxy.base_url, tmp_path / "outbox.sqlite")
+def fault_set_and_plan(
+    fault_sets: dict[int, tuple[Path, dict[str, int]]],
+    sync_target: SyncTarget,
+    tmp_path_factory: pytest.TempPathFactory,
+    make_cli: type[AdapterCli],
+) -> tuple[Path, dict[str, int]]:
+    """6 participants on Medplum, 3 on HAPI (~340 resources: HAPI writes several times more
+    slowly; participant S003, whose Patient the refusal tests pick, is in both)."""
+    n = 3 if sync_target.hapi else 6
+    if n not in fault_sets:
+        directory = tmp_path_factory.mktemp(f"faults{n}") / "data"
+        generate(directory, n_participants=n, with_bad=False)
+        cli = make_cli("http://127.0.0.1:9/fhir/R4", tmp_path_factory.mktemp("plan") / "o.sqlite")
+        plan = summary(cli.sync(directory, "--dry-run"))["would_send"]
+        fault_sets[n] = directory, {k.removesuffix(" create or match"): v for k, v in plan.items()}
+    return fault_sets[n]
+
+
+@pytest.fixture
+def six(fault_set_and_plan: tuple[Path, dict[str, int]]) -> Path:
+    """The data set of this run (six participants on Medplum, three on HAPI)."""
+    return fault_set_and_plan[0]
+
+
+@pytest.fixture
+def planned(fault_set_and_plan: tuple[Path, dict[str, int]]) -> dict[str, int]:
+    return fault_set_and_plan[1]
+
+
+@pytest.fixture
+def fault_upstream(sync_target: SyncTarget) -> str:
+    """This run's (emptied) server behind the proxy: overrides the Medplum-only fixture."""
+    return sync_target.base_url
+
+
+@pytest.fixture
+def cli(fault_proxy: FaultProxy, tmp_path: Path, sync_target: SyncTarget) -> AdapterCli:
+    """The CLI talking to the server through the proxy (this run's settings), fresh outbox."""
+    return sync_target.cli(tmp_path / "outbox.sqlite", server=fault_proxy.base_url)
 
 
 @pytest.fixture
@@ -226,16 +258,24 @@ def _patient(value: str) -> Any:
     return pick
 
 
+@pytest.mark.parametrize("fault", ["refuse-entry", "corrupt-entry"])
 def test_refused_entry_holds_back_its_referrers_until_it_lands(
     cli: AdapterCli,
     fault_proxy: FaultProxy,
     server: FhirView,
     six: Path,
     planned: dict[str, int],
+    sync_target: SyncTarget,
+    fault: str,
 ) -> None:
-    """One Patient refused inside a (non-atomic) Bundle: nothing that refers to it is sent, so
-    nothing points at an id that never existed; once fixed and retried, everything lands."""
-    fault_proxy.add("refuse-entry", entry=_patient("S003"), times=None)
+    """One Patient refused inside a Bundle: nothing that refers to it is sent, so nothing points
+    at an id that never existed; once fixed and retried, everything lands.
+
+    ``refuse-entry``: the proxy answers that entry 400 and forwards the rest (a non-atomic
+    server's way). ``corrupt-entry``: the proxy makes the Patient invalid (``birthDate``) and the
+    server itself refuses it — Medplum that entry alone, the rest of the Bundle applied; HAPI the
+    whole transaction (HAPI-0450), nothing of it applied, so the engine bisects it."""
+    fault_proxy.add(fault, entry=_patient("S003"), times=None)
     first = summary(sync(cli, six), 65)
     assert first["dead_lettered"] == 1
     assert first["blocked"] > 10  # its Consent, ResearchSubject, Encounters, Observations, …
@@ -247,8 +287,19 @@ def test_refused_entry_holds_back_its_referrers_until_it_lands(
     assert sum(server.counts(types).values()) == sum(planned.values()) - 1 - first["blocked"]
     log.info("Patient S003 refused: %d held back, the server held %d of %d, none dangling",
              first["blocked"], sum(planned.values()) - 1 - first["blocked"], sum(planned.values()))  # fmt: skip
-    # no Bundle ever carried an entry referring to another entry of it
-    assert not [b for b in fault_proxy.bundles() if "urn:uuid:" in str(b)]
+    if sync_target.atomic:  # whole chunks: entries refer to each other by urn:uuid
+        assert [b for b in fault_proxy.bundles() if "urn:uuid:" in str(b)]
+    else:  # no Bundle ever carried an entry referring to another entry of it
+        assert not [b for b in fault_proxy.bundles() if "urn:uuid:" in str(b)]
+    if fault == "corrupt-entry":
+        pick = _patient("S003")
+        refused = [
+            e.status
+            for e in fault_proxy.requests("POST")
+            if e.request.bundle and any(pick(x) for x in e.request.bundle.get("entry", []))
+        ]
+        # HAPI refuses the transaction as a whole (400); Medplum answers 200, the entry 400
+        assert set(refused) == ({400} if sync_target.hapi else {200}), refused
 
     (letter,) = [line for line in cli.run("dead-letters", "list", "--outbox", str(cli.outbox))
                  .stdout.splitlines()]  # fmt: skip
@@ -267,6 +318,35 @@ def test_refused_entry_holds_back_its_referrers_until_it_lands(
     assert_server_holds_exactly(server, planned, "refused entry, fixed and retried")
     assert_all_sent(cli, planned)
     assert summary(sync(cli, six))["created"] == 0
+
+
+# -- look-ups refused ---------------------------------------------------------------------------
+def _tag_search(request: ProxyRequest) -> bool:
+    return request.method == "GET" and "_tag=" in request.path
+
+
+def test_refused_look_up_leaves_records_undelivered_never_created(
+    cli: AdapterCli,
+    fault_proxy: FaultProxy,
+    server: FhirView,
+    six: Path,
+    planned: dict[str, int],
+) -> None:
+    """Every ``_tag`` search refused (400), by system (as HAPI does) and by exact keys: what
+    the server holds of AdverseEvent and Provenance is unknown, so nothing is taken for "not
+    held" — the sync exits 69, the records stay pending; healed, they land once each."""
+    fault = fault_proxy.add("unavailable", status=400, match=_tag_search, times=None)
+    down = summary(sync(cli, six), 69)
+    assert fault.fired >= 2  # the system search, then the exact keys
+    assert "refused the look-up of AdverseEvent by _tag (HTTP 400)" in down["undelivered_reason"]
+    assert down["undelivered"] == sum(planned.values())
+    assert down["created"] == down["dead_lettered"] == 0
+    assert server.counts(sorted(planned)) == {}
+    fault_proxy.heal()
+    up = summary(sync(cli, six))
+    assert up["created"] == sum(planned.values())
+    assert_server_holds_exactly(server, planned, "look-ups refused, then healed")
+    assert_all_sent(cli, planned)
 
 
 # -- capabilities --------------------------------------------------------------------------------
