@@ -65,11 +65,12 @@ def on_hapi(
     make_cli: type[AdapterCli],
     make_view: type[FhirView],
 ) -> OnHapi:
-    """The default synthetic set synced once to an emptied HAPI (client-id identity)."""
+    """A 12-participant set synced once to an emptied HAPI (client-id identity; the whole set
+    runs with ``auto`` in test_sync.py)."""
     hapi_test_server.reset()
     tmp = tmp_path_factory.mktemp("hapi-whole")
     data = tmp / "data"
-    generate(data, with_bad=False)
+    generate(data, n_participants=12, with_bad=False)
     cli = make_cli(hapi_test_server.base_url, tmp / "outbox.sqlite")
     first = summary_of(cli.sync(data, env=CLIENT_IDS))
     types = sorted(cli.outbox_counts())
@@ -82,7 +83,7 @@ class TestWholeSetOnHapi:
     def test_whole_set_lands_once_per_identifier(self, on_hapi: OnHapi) -> None:
         first, view = on_hapi.first, on_hapi.view
         outbox = all_sent(on_hapi.cli.outbox_counts())
-        assert sum(outbox.values()) > 6000
+        assert sum(outbox.values()) > 500
         assert first["new"] == first["created"] == sum(outbox.values())
         assert first["updated"] == first["dead_lettered"] == first["blocked"] == 0
         assert view.counts(on_hapi.types) == outbox
