@@ -130,7 +130,7 @@ class TestWholeSetOnHapi:
         assert {rtype for rtype, _ in changed} == {"Encounter"}
         assert {after[k] for k in changed} == {(before[k][0], "2") for k in changed}
         assert {v for _, v in before.values()} == {"1"}
-        for _, server_id in (after[k] for k in changed):
+        for server_id, _ in (after[k] for k in changed):
             first, second = (
                 on_hapi.view.get(f"Encounter/{server_id}/_history/{v}") for v in ("1", "2")
             )
