@@ -146,7 +146,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "subscribe": (
         "fhir_adapter.cli.serve",
         "Create (or update) the R4 rest-hook Subscription that tells the adapter when a "
-        "rater's MASI Observation changes on the FHIR server.",
+        "rater's MASI Observation changes on the FHIR server, and wait until the server has "
+        "activated it.",
     ),
     "sync": (
         "fhir_adapter.cli.sync",
