@@ -199,8 +199,13 @@ def test_standard_webhooks_missing_header_is_refused(webhook: FlaskClient) -> No
 
 
 def test_standard_webhooks_non_utf8_body_is_refused_not_500(webhook: FlaskClient) -> None:
+    """Signed over its raw bytes, a non-UTF-8 body gets in and is refused as malformed (400);
+    signed with another key, it is refused at the door (401). Never a 500."""
     body = b"\xff\xfe not utf-8"
-    assert_refused(post(webhook, standard_headers(body), body))
+    malformed = post(webhook, standard_headers(body), body)
+    assert malformed.status_code == 400, malformed.get_data(as_text=True)
+    assert malformed.get_json()["issue"][0]["code"] == "structure"
+    assert_refused(post(webhook, standard_headers(body, key=b"another key"), body))
 
 
 # -- bearer token -----------------------------------------------------------------------------
