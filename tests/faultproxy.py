@@ -21,7 +21,9 @@ action                      what the client sees (and whether the server applied
 ``corrupt-entry``           entries matching ``entry`` changed by ``patch`` (default: an invalid
                             ``birthDate``), then forwarded: the *server* refuses them, as it
                             does (per entry, or — atomic — the whole transaction)
-``drop-interactions``       ``/metadata`` without the system interactions in ``interactions``
+``offer-interactions``      ``/metadata`` with exactly the system interactions in
+                            ``interactions`` (e.g. ``batch`` where a server lists only
+                            ``transaction``, as HAPI does though it accepts batches)
 ==========================  ================================================================
 
 A fault fires for requests its ``match`` accepts (default: a Bundle POSTed to the base), after
@@ -56,7 +58,7 @@ ACTIONS = frozenset(
         "refuse-entry",
         "entry-status",
         "corrupt-entry",
-        "drop-interactions",
+        "offer-interactions",
     }
 )
 # Cache-Control too: HAPI answers a repeated search from a 60 s cache unless told no-cache — a
@@ -122,7 +124,7 @@ class Fault:
     entry: Callable[[dict[str, Any]], bool] | None = None  # for refuse-entry / entry-status
     entry_status: int = 400
     applied: bool = False  # entry-status: forward the entries, then replace their answers
-    interactions: frozenset[str] = frozenset()  # drop-interactions
+    interactions: frozenset[str] = frozenset()  # offer-interactions
     patch: dict[str, Any] = field(default_factory=lambda: {"birthDate": "not-a-date"})
     seen: int = 0  # matching requests so far
     fired: int = 0
@@ -130,7 +132,7 @@ class Fault:
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ValueError(f"unknown fault action {self.action!r}")
-        if self.action == "drop-interactions" and self.match is bundle_post:
+        if self.action.endswith("-interactions") and self.match is bundle_post:
             self.match = metadata
 
     @property
@@ -311,8 +313,8 @@ class FaultProxy:
             answer = self._entries(request, fault)
         elif action == "corrupt-entry":
             answer = self.forward(request, _corrupted(request, fault))
-        else:  # drop-interactions
-            answer = _drop_interactions(self.forward(request), fault.interactions)
+        else:  # offer-interactions
+            answer = _offer_interactions(self.forward(request), fault.interactions)
         self._record(request, answer.status, fault)
         h.reply(answer)
 
@@ -399,12 +401,10 @@ def _strip_location(answer: _Answer) -> _Answer:
     return _Answer(answer.status, headers, json.dumps(body).encode())
 
 
-def _drop_interactions(answer: _Answer, interactions: frozenset[str]) -> _Answer:
+def _offer_interactions(answer: _Answer, offered: frozenset[str]) -> _Answer:
     body = json.loads(answer.content)
     for rest in body.get("rest", []):
-        rest["interaction"] = [
-            i for i in rest.get("interaction", []) if i.get("code") not in interactions
-        ]
+        rest["interaction"] = [{"code": code} for code in sorted(offered)]
     return _Answer(answer.status, answer.headers, json.dumps(body).encode())
 
 
