@@ -58,6 +58,7 @@ from typing import Any, Literal
 
 from fhir_adapter.domain.records import AeTerm
 from fhir_adapter.intake import KINDS, file_name
+from fhir_adapter.io.outputs import check_output
 from fhir_adapter.trial import Criterion, Trial, load_trial
 
 DEFAULT_SEED = 20241028
@@ -1425,6 +1426,26 @@ def _readme(rows: Sequence[BadRow], today: dt.date) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- where it writes ----------------------------------------------------------------------------
+#: written into every generated set: later runs may write over a directory that holds it
+GENERATED_MARKER = ".fhir-adapter-generated"
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse ``out_dir`` unless it is new, empty or a set this function generated before: a
+    directory of real source files (a participants.csv of the hospital's) is never written
+    over. :class:`~fhir_adapter.errors.OutputRefused` (exit 2) names the reason."""
+    ours = {file_name(kind) for kind in KINDS} | {"bad", GENERATED_MARKER}
+    generated = (out_dir / GENERATED_MARKER).is_file()
+    check_output(
+        out_dir,
+        option="OUT_DIR",
+        inputs=(),
+        kind="directory",
+        owned=lambda path: generated and path.name in ours,
+    )
+
+
 # -- entry point -----------------------------------------------------------------------------
 def generate(
     out_dir: Path,
@@ -1445,6 +1466,10 @@ def generate(
     today = today or DEFAULT_TODAY
     setup = _setup(trial, today, elapsed_days)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / GENERATED_MARKER).write_text(
+        "Synthetic data written by `fhir-adapter generate`; it may write over this directory.\n",
+        encoding="utf-8",
+    )
     rng = random.Random(seed)  # noqa: S311 - synthetic data, not security
     counts, enrolled, failures, withdrawn = _write_good(rng, setup, out_dir, n_participants)
     bad_files: list[str] = []

@@ -14,9 +14,12 @@ import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from fhir_adapter.errors import ConfigurationError
 
 
 def _default_state_dir() -> Path:
@@ -191,3 +194,17 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Explicit sources only: arguments, then the environment. No implicit .env files.
         return (init_settings, env_settings)
+
+
+def check_base_url(url: str, what: str = "FHIR_ADAPTER_FHIR_BASE_URL") -> str:
+    """An absolute http(s) URL with a host, or a ConfigurationError naming the setting."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(
+            f"{what} {url!r} is not an http(s) URL (e.g. https://fhir.example.org/fhir/R4)"
+        )
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigurationError(f"{what} {url!r} has an invalid port") from None
+    return url

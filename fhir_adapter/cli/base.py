@@ -7,6 +7,7 @@ warning and rejected row goes to stderr. No traceback reaches the user for bad i
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import sys
@@ -19,8 +20,8 @@ from typing import Any
 import click
 
 from fhir_adapter import __version__
-from fhir_adapter.errors import AdapterError, ConfigurationError
-from fhir_adapter.settings import Settings
+from fhir_adapter.errors import AdapterError, ConfigurationError, ExitCode
+from fhir_adapter.settings import Settings, check_base_url
 from fhir_adapter.trial import Trial, load_trial
 
 log = logging.getLogger("fhir_adapter")
@@ -68,14 +69,52 @@ class DecimalParam(click.ParamType):  # type: ignore[type-arg]
         return result
 
 
+#: errors of writing an output (inputs are read through io/, which names them itself): the
+#: output cannot be used — exit 2, as for an output path refused up front
+_WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+     errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.EIO, errno.EINVAL,
+     errno.ENXIO, errno.ENODEV, errno.ETXTBSY, errno.ENAMETOOLONG, errno.ELOOP}
+)  # fmt: skip
+
+
+def os_error_message(exc: OSError) -> tuple[str, ExitCode]:
+    """One line for an operating-system error that reached a command (no traceback)."""
+    reason = exc.strerror or type(exc).__name__
+    where = f" {exc.filename}" if exc.filename else ""
+    if exc.errno in _WRITE_ERRNOS:
+        return f"cannot write the output{where}: {reason}", ExitCode.USAGE
+    return f"operating-system error{where}: {reason}", ExitCode.INPUT_UNREADABLE
+
+
+def server_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """The callback of every ``--server``: an absolute http(s) URL, else a usage error (2)."""
+    if value is None:
+        return None
+    try:
+        check_base_url(value, "--server")
+    except ConfigurationError:
+        raise click.BadParameter(
+            f"{value!r} is not an http(s) URL (e.g. http://127.0.0.1:8103/fhir/R4)"
+        ) from None
+    return value
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn adapter errors into a one-line message and their exit code; bugs into exit 70."""
+    """Turn adapter errors into a one-line message and their exit code; an unwritable output
+    (full disk, read-only file system, …) into one line and exit 2; bugs into exit 70."""
     try:
         yield
     except AdapterError as exc:
         echo_err(f"error: {exc}")
         sys.exit(int(exc.exit_code))
+    except BrokenPipeError:
+        raise  # the reader of stdout went away: click ends quietly (exit 1)
+    except OSError as exc:
+        message, code = os_error_message(exc)
+        echo_err(f"error: {message}")
+        sys.exit(int(code))
     except KeyboardInterrupt:
         echo_err("interrupted")
         sys.exit(130)

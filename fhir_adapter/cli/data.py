@@ -355,9 +355,11 @@ def generate(
 
     The same seed and --today give the same bytes; another --today shifts every date.
     """
+    from fhir_adapter.generate import check_out_dir  # heavy, lazy
     from fhir_adapter.generate import generate as run_generate
 
     with user_errors():
+        check_out_dir(out_dir)
         day = today.date() if today is not None else site_today(app.timezone)
         try:
             summary = run_generate(

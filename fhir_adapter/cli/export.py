@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, user_errors
+from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, server_url, user_errors
 from fhir_adapter.client import FhirClient
 from fhir_adapter.errors import ExitCode
 from fhir_adapter.export import (
@@ -68,7 +68,12 @@ def _summary(result: ExportResult, out: Path) -> None:
 
 
 @cli.command("export")
-@click.option("--server", default=None, help="Read the trial's resources from this FHIR server.")
+@click.option(
+    "--server",
+    default=None,
+    callback=server_url,
+    help="Read the trial's resources from this FHIR server.",
+)
 @click.option(
     "--ndjson",
     type=click.Path(path_type=Path),

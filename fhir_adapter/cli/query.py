@@ -20,7 +20,7 @@ from typing import Any
 import click
 import duckdb
 
-from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, user_errors
+from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, server_url, user_errors
 from fhir_adapter.client import FhirClient
 from fhir_adapter.errors import InputUnreadable
 from fhir_adapter.query.engine import load_rows, markdown_table, run_views, write_table
@@ -86,7 +86,9 @@ def _refuse_overwriting_input(out: Path | None, sources: Sequence[Path]) -> None
 @cli.command("view")
 @click.argument("view_json", type=click.Path(path_type=Path))
 @click.argument("sources", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--server", default=None, help="Read the resources from this FHIR server.")
+@click.option(
+    "--server", default=None, callback=server_url, help="Read the resources from this FHIR server."
+)
 @click.option(
     "--format",
     "fmt",
@@ -135,7 +137,9 @@ def view_command(
 
 
 @cli.command("query")
-@click.option("--server", default=None, help="Read the trial from this FHIR server.")
+@click.option(
+    "--server", default=None, callback=server_url, help="Read the trial from this FHIR server."
+)
 @click.option(
     "--ndjson",
     "ndjson",

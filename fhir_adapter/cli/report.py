@@ -14,14 +14,16 @@ from pathlib import Path
 
 import click
 
-from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, user_errors
+from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, server_url, user_errors
 from fhir_adapter.client import FhirClient
 from fhir_adapter.query.registry import registry_tables
 from fhir_adapter.query.sources import DEFAULT_PAGE_SIZE, NdjsonSource, ServerSource, Source
 
 
 @cli.command("report")
-@click.option("--server", default=None, help="Read the trial from this FHIR server.")
+@click.option(
+    "--server", default=None, callback=server_url, help="Read the trial from this FHIR server."
+)
 @click.option(
     "--ndjson",
     type=click.Path(path_type=Path),

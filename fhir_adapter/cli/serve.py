@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, user_errors
+from fhir_adapter.cli.base import AppContext, cli, echo_err, pass_app, server_url, user_errors
 from fhir_adapter.cli.sync import server_options, server_settings
 from fhir_adapter.client import FhirClient
 from fhir_adapter.errors import ConfigurationError, ServerError
@@ -317,7 +317,12 @@ def wait_until_active(client: FhirClient, subscription_id: str, timeout: float) 
 
 
 @cli.command()
-@click.option("--server", default=None, help="FHIR base URL (default: FHIR_ADAPTER_FHIR_BASE_URL).")
+@click.option(
+    "--server",
+    default=None,
+    callback=server_url,
+    help="FHIR base URL (default: FHIR_ADAPTER_FHIR_BASE_URL).",
+)
 @click.option(
     "--endpoint", required=True, help="URL of this adapter's /fhir/notify, as the server sees it."
 )

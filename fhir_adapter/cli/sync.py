@@ -14,10 +14,11 @@ from fhir_adapter.cli.base import (
     echo_err,
     pass_app,
     progress_callback,
+    server_url,
     user_errors,
 )
 from fhir_adapter.cli.fhir import mapping_context
-from fhir_adapter.client import FhirClient, check_base_url
+from fhir_adapter.client import FhirClient
 from fhir_adapter.errors import ConfigurationError, ExitCode
 from fhir_adapter.intake import Intake, site_today
 from fhir_adapter.jsonout import dumps
@@ -29,25 +30,12 @@ from fhir_adapter.sync.outbox import Outbox
 from fhir_adapter.sync.reconcile import reconcile
 
 
-def _server_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """--server must be an absolute http(s) URL: a usage error (exit 2) otherwise."""
-    if value is None:
-        return None
-    try:
-        check_base_url(value, "--server")
-    except ConfigurationError:
-        raise click.BadParameter(
-            f"{value!r} is not an http(s) URL (e.g. http://127.0.0.1:8103/fhir/R4)"
-        ) from None
-    return value
-
-
 def server_options(f: Any) -> Any:
     """--server, --outbox, --fhir-version and --auth (every command that talks to a server)."""
     f = click.option(
         "--server",
         default=None,
-        callback=_server_url,
+        callback=server_url,
         help="FHIR base URL (default: FHIR_ADAPTER_FHIR_BASE_URL).",
     )(f)
     f = click.option(

@@ -50,7 +50,7 @@ from fhir_adapter.errors import (
     ServerUnavailable,
 )
 from fhir_adapter.jsonout import dumpb
-from fhir_adapter.settings import Settings
+from fhir_adapter.settings import Settings, check_base_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -290,20 +290,6 @@ def is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def check_base_url(url: str, what: str = "FHIR_ADAPTER_FHIR_BASE_URL") -> str:
-    """An absolute http(s) URL with a host, or a ConfigurationError naming the setting."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigurationError(
-            f"{what} {url!r} is not an http(s) URL (e.g. https://fhir.example.org/fhir/R4)"
-        )
-    try:
-        parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        raise ConfigurationError(f"{what} {url!r} has an invalid port") from None
-    return url
 
 
 @dataclass

@@ -85,7 +85,7 @@ def _check_existing(path: Path, where: str, kind: str, owned: Owned) -> None:
         foreign = sorted(
             e.name
             for e in path.iterdir()
-            if not (e.name.startswith(INCOMING_PREFIX) or (_plain_file(e) and owned(e)))
+            if not (e.name.startswith(INCOMING_PREFIX) or (_plain(e) and owned(e)))
         )
         if foreign:
             listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -107,6 +107,11 @@ def _check_existing(path: Path, where: str, kind: str, owned: Owned) -> None:
 
 def _plain_file(path: Path) -> bool:
     return path.is_file() and not path.is_symlink()
+
+
+def _plain(path: Path) -> bool:
+    """A regular file or directory, not a link (``owned`` decides whether it is ours)."""
+    return (path.is_file() or path.is_dir()) and not path.is_symlink()
 
 
 def _check_writable(path: Path, where: str, kind: str) -> None:

@@ -248,7 +248,9 @@ def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:
 
 # -- issue 9 -------------------------------------------------------------------------------------
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_output_paths_that_are_inputs_are_refused_in_one_line(tmp_path: Path) -> None:
@@ -319,3 +321,59 @@ def test_validate_reports_dropped_values(tmp_path: Path) -> None:
     table = run("validate", d, cwd=tmp_path).stdout.splitlines()
     assert table[0].split()[-1] == "dropped"
     assert table[1].split() == ["participants.csv", "1", "1", "0", "0", "1"]
+
+
+def test_generate_never_writes_over_files_it_did_not_write(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "participants.csv").write_text("the hospital's own export\n", encoding="utf-8")
+    refused = run("generate", real, "--participants", "2", cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert "did not write (participants.csv)" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert [p.name for p in real.iterdir()] == ["participants.csv"]
+    assert (real / "participants.csv").read_text(encoding="utf-8") == "the hospital's own export\n"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x", encoding="utf-8")
+    assert run("generate", a_file, cwd=tmp_path).returncode == 2
+    # a set it generated itself may be generated again (make demo twice)
+    fresh = tmp_path / "fresh"
+    for _ in range(2):
+        again = run("generate", fresh, "--participants", "2", "--today", "2026-12-07", cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+
+
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A full disk (here /dev/full as standard output) is the output's fault, not a bug (70)."""
+    path = _masi_file(tmp_path)
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [EXE, "score", str(path)], cwd=tmp_path, stdout=full, stderr=subprocess.PIPE,
+            text=True, check=False,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "cannot write the output" in done.stderr
+    assert "No space left on device" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "internal error" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "text"),
+    [
+        (OSError(30, "Read-only file system", "/mnt/ro/out"), 2, "cannot write the output"),
+        (OSError(28, "No space left on device"), 2, "cannot write the output"),
+        (OSError(71, "Protocol error"), 66, "operating-system error"),
+    ],
+)
+def test_user_errors_turn_os_errors_into_one_line(
+    error: OSError, code: int, text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fhir_adapter.cli.base import user_errors
+
+    with pytest.raises(SystemExit) as exited, user_errors():
+        raise error
+    assert exited.value.code == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert text in err

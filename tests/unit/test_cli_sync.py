@@ -349,3 +349,29 @@ def test_a_second_writer_waits_then_gives_up_with_69(
     assert not any(r.method == "POST" for r, _ in httpserver.log)  # nothing sent
     free = runner.invoke(cli, ["sync", str(data), "--server", url, "--outbox", str(outbox)])
     assert free.exit_code == 65, free.output  # the scripted server refuses S002
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["report", "--out", "{tmp}/r"],
+        ["query", "--out", "{tmp}/q"],
+        ["export", "--out", "{tmp}/e"],
+        ["view", "{views}/subjects.json"],
+        ["reconcile"],
+        ["subscribe", "--endpoint", "http://127.0.0.1:1/fhir/notify"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_every_server_option_refuses_a_url_without_scheme_as_usage(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """The same --server check everywhere: exit 2 naming the option, not 66 naming a setting."""
+    from fhir_adapter.trial import default_mappings_dir
+
+    views = default_mappings_dir() / "views"
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{views}", str(views)) for a in command]
+    result = CliRunner(env=_isolated({})).invoke(cli, [*args, "--server", "localhost:9"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--server': 'localhost:9' is not an http(s) URL" in result.output
+    assert "FHIR_ADAPTER_FHIR_BASE_URL" not in result.output
