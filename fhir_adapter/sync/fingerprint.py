@@ -10,7 +10,8 @@ and validation and goes straight to sending (which then finds nothing to send).
 The digest covers, conservatively:
 
 - every source file the mapper reads (``<kind>.csv`` for each kind): its whole content, or
-  that it is absent; anything there that is not a regular file gives no digest (no shortcut);
+  that it is absent; anything there that is not a regular file, or is over
+  ``FHIR_ADAPTER_MAX_FILE_BYTES``, gives no digest (no shortcut; intake refuses it unread);
 - the code: every ``.py`` file of the package, and the package version;
 - the trial definition: every file of the mappings directory;
 - every setting (secrets as the placeholder pydantic writes, never their value), the mapping
@@ -42,8 +43,9 @@ _PACKAGE = Path(fhir_adapter.__file__).resolve().parent
 _CHUNK = 1 << 20
 
 
-def _file_digest(path: Path, sha: Any) -> bool:
-    """Feed a regular file's content to ``sha``; False when ``path`` is anything else."""
+def _file_digest(path: Path, sha: Any, max_bytes: int) -> bool:
+    """Feed a regular file's content to ``sha``; False when ``path`` is anything else or larger
+    than ``max_bytes`` (intake refuses it after one ``stat``: it is never read whole here)."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
@@ -54,7 +56,10 @@ def _file_digest(path: Path, sha: Any) -> bool:
     except OSError:
         return False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a directory: never read here
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or a directory: never read here
+            return False
+        if info.st_size > max_bytes:
             return False
         with os.fdopen(fd, "rb", closefd=False) as fh:
             while chunk := fh.read(_CHUNK):
@@ -87,11 +92,11 @@ def input_fingerprint(
     options: Mapping[str, Any],
 ) -> str | None:
     """The digest of everything staging ``directory`` depends on but the outbox and "today";
-    None when a source is not a regular file (such a run is never skipped)."""
+    None when a source is not a regular file or over the size limit (never skipped)."""
     sha = hashlib.sha256()
     for kind in KINDS:
         sha.update(kind.encode() + b"\0")
-        if not _file_digest(directory / file_name(kind), sha):
+        if not _file_digest(directory / file_name(kind), sha, settings.max_file_bytes):
             return None
     mappings = (settings.mappings_dir or default_mappings_dir()).resolve()
     context = {

@@ -97,6 +97,28 @@ def test_a_source_that_is_not_a_regular_file_gives_no_digest(data: Path) -> None
     assert digest(data) is None
 
 
+def test_a_source_over_the_size_limit_gives_no_digest_and_is_not_read(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2 GB masi.csv costs a stat here too (intake then refuses it): never hashed whole."""
+    size = (data / "masi.csv").stat().st_size
+    assert digest(data, Settings(max_file_bytes=size)) is not None
+    assert digest(data, Settings(max_file_bytes=size - 1)) is None
+    with open(data / "masi.csv", "r+b") as fh:  # sparse: 2 GiB that would take seconds to read
+        fh.truncate(2 << 30)
+    opened: list[int] = []  # the sizes of the files opened for reading
+    real_fdopen = os.fdopen
+
+    def fdopen(fd: int, *args: Any, **kwargs: Any) -> Any:
+        opened.append(os.fstat(fd).st_size)
+        return real_fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr("fhir_adapter.sync.fingerprint.os.fdopen", fdopen)
+    assert digest(data) is None
+    assert opened
+    assert max(opened) < 2 << 30
+
+
 def test_settings_context_and_options_change_it(data: Path) -> None:
     first = digest(data)
     assert digest(data, Settings(adjudication_threshold=Decimal("2.5"))) != first
