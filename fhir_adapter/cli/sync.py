@@ -281,7 +281,7 @@ def outbox_status(app: AppContext, path: Path | None, as_json: bool) -> None:
         if not target.exists():
             click.echo(f"no outbox at {target}")
             return
-        with Outbox(target) as box:
+        with Outbox(target, read_only=True) as box:
             counts = box.counts()
             if as_json:
                 click.echo(dumps({"server": box.get_meta("server"), "counts": counts}))
@@ -308,7 +308,7 @@ def dead_letters_list(app: AppContext, path: Path | None) -> None:
     if not target.exists():  # read-only: never create an outbox
         echo_err(f"no outbox at {target}")
         return
-    with user_errors(), Outbox(target) as box:
+    with user_errors(), Outbox(target, read_only=True) as box:
         for letter in box.dead_letters():
             click.echo(dumps(letter))
 

@@ -259,21 +259,52 @@ def _holder(target: Path) -> str:
 class Outbox:
     """One SQLite file per target server (the server's base URL is recorded in it)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """Open (or create) the outbox at ``path``. ``read_only``: an existing outbox, opened
+        without writing a byte (``outbox status``, ``dead-letters list``). A database of
+        another application is never adopted: it is refused untouched."""
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+            if read_only:
+                uri = f"file:{path.resolve()}?mode=ro"
+                self.db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigurationError(f"cannot open the outbox {path}: {exc}") from None
         try:
-            self._open()
+            self._refuse_foreign(read_only)
+            if not read_only:
+                self._open()
         except sqlite3.Error as exc:
             self.db.close()
             raise ConfigurationError(
                 f"cannot use {path} as the outbox ({exc}); point --outbox at an outbox file "
                 "or at a new path"
             ) from None
+        except ConfigurationError:
+            self.db.close()
+            raise
+
+    def _refuse_foreign(self, read_only: bool) -> None:
+        tables = {
+            str(name)
+            for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        # an outbox, or a database the webhook's inbox set up first (sync/inbox.py)
+        ours = "inbox" in tables or (
+            "meta" in tables
+            and self.db.execute("SELECT 1 FROM meta WHERE key='schema_version'").fetchone()
+            is not None
+        )
+        if ours or not (tables or read_only):  # ours, or a new (empty) file to set up
+            return
+        what = "an SQLite database of another application" if tables else "empty"
+        raise ConfigurationError(
+            f"{self.path} is {what}, not an outbox; point --outbox at an outbox file or at a "
+            "new path"
+        )
 
     def _open(self) -> None:
         self.db.execute("PRAGMA journal_mode=WAL")

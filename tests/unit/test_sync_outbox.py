@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fhir_adapter.errors import OutboxBusy
+from fhir_adapter.errors import ConfigurationError, OutboxBusy
 from fhir_adapter.jsonout import dumpb
 from fhir_adapter.sync.outbox import Outbox, RefusedRemoval, lock_path, writer_lock
 
@@ -303,3 +303,50 @@ def test_settled_means_nothing_to_send_refused_or_held(outbox: Outbox) -> None:
     assert outbox.settled()
     stage(outbox, 1, allow_removals=True)  # M1 removed: retracted, pending again
     assert not outbox.settled()
+
+
+# -- never adopt another application's database ---------------------------------------------------
+def _foreign(path: Path) -> bytes:
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE users (name TEXT)")
+    db.commit()
+    db.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_database_of_another_application_is_refused_untouched(
+    tmp_path: Path, read_only: bool
+) -> None:
+    path = tmp_path / "app.db"
+    before = _foreign(path)
+    with pytest.raises(ConfigurationError, match="another application, not an outbox"):
+        Outbox(path, read_only=read_only)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]  # no -wal, -shm, .lock
+
+
+def test_read_only_opens_write_nothing_and_refuse_an_empty_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    with pytest.raises(ConfigurationError, match="is empty, not an outbox"):
+        Outbox(empty, read_only=True)
+    assert empty.read_bytes() == b""
+    path = tmp_path / "o.sqlite"
+    with Outbox(path) as box:
+        box.stage([("masi", obs("a"), dumpb(obs("a")))], lambda: set(), "R4")
+    before = path.read_bytes()
+    with Outbox(path, read_only=True) as box:
+        assert box.counts() == {"Observation": {"pending": 1}}
+    assert path.read_bytes() == before
+    with Outbox(empty) as box:  # a writer may set up an empty file (a new outbox)
+        assert box.counts() == {}
+
+
+def test_a_database_the_inbox_set_up_first_is_an_outbox(tmp_path: Path) -> None:
+    from fhir_adapter.sync.inbox import Inbox
+
+    path = tmp_path / "o.sqlite"
+    Inbox(path).close()
+    with Outbox(path) as box:
+        assert box.counts() == {}
