@@ -151,14 +151,21 @@ def _is_blank(value: Any) -> bool:
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
 
 
+def _formula_like(value: str) -> bool:
+    """Starts with a trigger, after any leading ``'`` (so that the prefix is reversible)."""
+    return value.lstrip("'").startswith(FORMULA_TRIGGERS)
+
+
 def neutralise(value: str) -> str:
-    """A cell a spreadsheet would execute gets a leading ``'`` (OWASP); others are unchanged."""
-    return "'" + value if value.startswith(FORMULA_TRIGGERS) else value
+    """A cell a spreadsheet would execute gets a leading ``'`` (OWASP); so does one that already
+    starts with ``'`` before such a trigger (``'=x``), so that :func:`unneutralise` gives every
+    value back exactly. Others are unchanged."""
+    return "'" + value if _formula_like(value) else value
 
 
 def unneutralise(value: str) -> str:
     """The inverse of :func:`neutralise`, for corrected rejects files fed back."""
-    return value[1:] if value.startswith("'") and value[1:].startswith(FORMULA_TRIGGERS) else value
+    return value[1:] if value.startswith("'") and _formula_like(value[1:]) else value
 
 
 def is_rejects_file(path: Path) -> bool:

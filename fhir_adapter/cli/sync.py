@@ -198,8 +198,9 @@ def _sync_status(result: SyncResult, share: float) -> ExitCode:
 def _send_status(send: SendSummary) -> ExitCode:
     if send.blocked:
         echo_err(
-            f"{send.blocked} records held back: they refer to records the server refused; they "
-            "are sent once those land (`fhir-adapter dead-letters list`)"
+            f"{send.blocked} records held back: they refer to records not on the server yet "
+            "(refused: `fhir-adapter dead-letters list`; or still undelivered); they are sent "
+            "once those land"
         )
     if send.dead_letters:
         echo_err(

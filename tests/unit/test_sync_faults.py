@@ -483,6 +483,31 @@ def test_entry_503_resends_only_that_entry(
     assert_once_each(fake, ["S001", "S002"])
 
 
+@pytest.mark.parametrize("status", ["503", "500"])
+def test_entry_answer_that_outlasts_the_retries_is_undelivered_not_success(
+    fake: FakeFhir, httpserver: HTTPServer, tmp_path: Path, status: str
+) -> None:
+    """One entry answered 503 (not applied) or 500 (not applied, uncertain) on every try: the
+    others land once, that one stays pending and the sync says so (exit 69, never 0)."""
+
+    def always(entry: Entry, _n: int) -> Answer | None:
+        if entry["resource"]["identifier"][0]["value"] == "S002":
+            return {"response": {"status": status}}
+        return None
+
+    fake.entry = always
+    cfg = settings(httpserver, tmp_path)
+    with staged_outbox(cfg.outbox_path, ["S001", "S002"]) as outbox:
+        summary = sync(cfg, outbox)
+        assert [s for s, _ in states(outbox, ["S001", "S002"]).values()] == ["sent", "pending"]
+    assert (summary.created, summary.undelivered, summary.dead_lettered) == (1, 1, 0)
+    assert summary.undelivered_reason is not None
+    assert f"HTTP {status}" in summary.undelivered_reason
+    assert set(fake.held()) == {"S001"}  # S002 never applied
+    assert_once_each(fake, ["S001"])
+    assert len(fake.bundles) <= cfg.max_attempts + 1  # bounded: the retry budget, no loop
+
+
 def test_503_forever_reports_undelivered_and_resumes_later(
     fake: FakeFhir, httpserver: HTTPServer, tmp_path: Path
 ) -> None:
