@@ -4,11 +4,11 @@ R4 code systems are used exactly as R4 defines them (``Serious`` / ``Non-serious
 ``Probably-Likely``, ``resolvedWithSequelae``...). What R4 and R5 share comes from
 :mod:`.common`; the R5 counterparts live in :mod:`.r5`.
 
-AdverseEvent in R4 has no element for the end of the event nor for the action taken: the
-course goes in the R5 cross-version extension ``AdverseEvent.occurrence`` (a Period from
-``onset_on`` to ``resolved_on``) and ``action_taken`` (hospital target only) in the
-MitigatingAction extension of the AE Clinical Research R4 Backport IG (URLs in
-``mappings/extensions.yaml``).
+AdverseEvent in R4 has no element for the end of the event nor for the action taken: both
+ride in extensions of the AE Clinical Research R4 Backport IG — ``resolve-date`` (the date of
+``resolved_on``) and MitigatingAction (``action_taken``, hospital target only); URLs in
+``mappings/extensions.yaml``. (Not the R5 cross-version ``AdverseEvent.occurrence``: HAPI's
+validator refuses that URL.)
 """
 
 from __future__ import annotations

@@ -41,11 +41,14 @@ from fhir_adapter.errors import (
 )
 from fhir_adapter.intake import KINDS, Intake, site_today
 from fhir_adapter.mapping.context import MappingContext
+from fhir_adapter.mapping.terminology import Terminology
 from fhir_adapter.settings import Settings
 from fhir_adapter.sync import stage_directory
 from fhir_adapter.sync.engine import Sender
 from fhir_adapter.sync.inbox import PRIMARY_TYPE, Inbox, InboxRow
+from fhir_adapter.sync.notify import Recomputer
 from fhir_adapter.sync.outbox import Outbox
+from fhir_adapter.trial import load_trial
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +129,6 @@ class DeliveryWorker:
         self._mapped_seq = -1  # the inbox change counter of the last mapping
         self._retry_at = 0.0
         self._outcomes: list[tuple[InboxRow, str]] = []  # of the last mapping, to settle
-        # imported here: notify depends on this module's constants
-        from fhir_adapter.sync.notify import Recomputer
-
         self.recomputer = Recomputer(self)
 
     def close(self) -> None:
@@ -322,9 +322,6 @@ def single_worker(outbox_path: Path) -> Iterator[None]:
 
 def webhook_context(settings: Settings) -> tuple[MappingContext, Decimal]:
     """The mapping context and adjudication threshold of records pushed to the webhook."""
-    from fhir_adapter.mapping.terminology import Terminology
-    from fhir_adapter.trial import load_trial
-
     trial = load_trial(settings.mappings_dir)
     ctx = MappingContext(
         trial=trial,
