@@ -37,16 +37,18 @@ from fhir_adapter.errors import (
     ConfigurationError,
     OutboxBusy,
     ServerError,
+    ServerRejected,
     ServerUnavailable,
 )
 from fhir_adapter.intake import KINDS, Intake, site_today
+from fhir_adapter.jsonout import dumpb
 from fhir_adapter.mapping.context import MappingContext
 from fhir_adapter.mapping.terminology import Terminology
 from fhir_adapter.settings import Settings
 from fhir_adapter.sync import stage_directory
 from fhir_adapter.sync.engine import Sender
 from fhir_adapter.sync.inbox import PRIMARY_TYPE, Inbox, InboxRow
-from fhir_adapter.sync.notify import Recomputer
+from fhir_adapter.sync.notify import NOTIFY_SOURCE, Recomputer
 from fhir_adapter.sync.outbox import Outbox
 from fhir_adapter.trial import load_trial
 
@@ -65,12 +67,13 @@ class CycleReport:
     notifications: int = 0
     sent: dict[str, int] = field(default_factory=dict)
     unavailable: bool = False
+    conflicts_reread: bool = False  # changed on the server: re-read, to re-derive next cycle
 
     @property
     def worked(self) -> bool:
         """Something happened: look for more at once rather than sleeping."""
         writes = sum(self.sent.get(k, 0) for k in ("created", "updated", "deletes_sent"))
-        return bool(self.mapped or self.notifications or writes)
+        return bool(self.mapped or self.notifications or writes or self.conflicts_reread)
 
 
 class WorkerBusy(ConfigurationError):
@@ -127,6 +130,7 @@ class DeliveryWorker:
         self.inbox = Inbox(settings.outbox_path)
         self.outbox = Outbox(settings.outbox_path)
         self._mapped_seq = -1  # the inbox change counter of the last mapping
+        self._remap = False  # map again although the inbox did not change (conflicts re-read)
         self._retry_at = 0.0
         self._outcomes: list[tuple[InboxRow, str]] = []  # of the last mapping, to settle
         self.recomputer = Recomputer(self)
@@ -140,7 +144,7 @@ class DeliveryWorker:
     def cycle(self) -> CycleReport:
         """Map what changed, handle notifications, send; never raises for a server outage."""
         report = CycleReport()
-        changed = self.inbox.last_seq() != self._mapped_seq
+        changed = self._remap or self.inbox.last_seq() != self._mapped_seq
         events = self.inbox.pending_events()
         idle = not self._unsettled and not self.outbox.to_send()
         if not changed and not events and (idle or time.monotonic() < self._retry_at):
@@ -150,6 +154,7 @@ class DeliveryWorker:
                 self.outbox.bind_server(self.client.base_url)
                 seq = self.inbox.last_seq()
                 if changed:
+                    self._remap = False
                     self._outcomes = self._map(self.inbox.rows(), report)
                 if events:
                     report.notifications = self.recomputer.handle_events()
@@ -240,8 +245,11 @@ class DeliveryWorker:
             fhir_version=self.ctx.fhir_version,
             bundle_size=self.settings.bundle_size,
             identity=self.settings.identity_strategy,
+            defer_conflicts=True,
         )
         summary = sender.run()
+        if summary.conflicts:
+            self._reread_conflicts(report)
         report.sent = {k: v for k, v in summary.as_dict().items() if isinstance(v, int) and v}
         if summary.undelivered_reason is not None:
             self._unavailable(report, f"{summary.undelivered} resources undelivered")
@@ -252,6 +260,39 @@ class DeliveryWorker:
             time.monotonic() - started,
             ", ".join(f"{k} {v}" for k, v in report.sent.items()) or "nothing",
         )
+
+    def _reread_conflicts(self, report: CycleReport) -> None:
+        """Resources changed on the server since the outbox saw them (409/412 to an If-Match):
+        re-read each (its current version adopted), then re-derive — the inbox's subjects by
+        mapping the inbox again, the others by a recompute from the server's ratings — so that
+        what is sent next replaces the version it has seen. Never a blind overwrite."""
+        subjects: set[str] = set()
+        for row in self.outbox.conflicts():
+            assert row.server_id is not None  # noqa: S101 - a conflict answers a PUT by id
+            try:
+                current = self.client.read(row.rtype, row.server_id)
+            except ServerRejected as exc:
+                if exc.status not in (404, 410):
+                    raise
+                # deleted on the server meanwhile: created again from the source
+                self.outbox.mark_pending(row, forget_server=True)
+                continue
+            self.outbox.adopt(
+                row.rtype,
+                row.bkey,
+                row.local_id,
+                dumpb(current),
+                str(current["id"]),
+                (current.get("meta") or {}).get("versionId"),
+                row.source,
+            )
+            log.info("%s %s changed on the server: re-read, re-derived", row.rtype, row.server_id)
+            if row.source.startswith(NOTIFY_SOURCE):
+                subjects.add(row.source.removeprefix(NOTIFY_SOURCE))
+        self._remap = True  # map the inbox again: its content replaces the re-read copies
+        if subjects:
+            self.inbox.add_events(("subject", subject, None) for subject in sorted(subjects))
+        report.conflicts_reread = True
 
     @property
     def _unsettled(self) -> bool:

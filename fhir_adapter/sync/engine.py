@@ -79,6 +79,7 @@ class SendSummary:
     matched: int = 0  # found on the server as they are: recorded without a write
     dead_lettered: int = 0  # refused in this run
     blocked: int = 0  # held back: they refer to a resource that has no server id
+    conflicts: int = 0  # left to be re-read: changed on the server (defer_conflicts)
     bundles: int = 0
     undelivered: int = 0  # still to send (server unavailable, answers uncertain)
     undelivered_reason: str | None = None
@@ -192,8 +193,10 @@ class Sender:
         identity: str = "auto",
         on_progress: Callable[[int], None] | None = None,
         atomic: bool | None = None,
+        defer_conflicts: bool = False,
     ) -> None:
         self.client = client
+        self.defer_conflicts = defer_conflicts
         self.outbox = outbox
         self.fhir_version = fhir_version
         self.bundle_size = bundle_size
@@ -461,7 +464,9 @@ class Sender:
         self.summary.blocked = self.outbox.blocked()
         self.summary.undelivered = self.outbox.undelivered()
         self.summary.dead_letters = self.outbox.dead_letter_count()
-        if self.summary.undelivered and self.summary.undelivered_reason is None:
+        # rows left in conflict are the caller's to re-read (defer_conflicts), not a failure
+        conflicted = len(self.outbox.conflicts()) if self.defer_conflicts else 0
+        if self.summary.undelivered > conflicted and self.summary.undelivered_reason is None:
             self.summary.undelivered_reason = (
                 f"still pending after {MAX_PASSES} passes (the server kept reporting conflicts)"
             )
@@ -575,7 +580,7 @@ class Sender:
                 ):
                     self._dead(row, method, outcome.status, outcome.error)
                 elif outcome.kind == "conflict":
-                    self.outbox.forget_version(row, f"HTTP {outcome.status}: version conflict")
+                    self._conflict(row, outcome.status)
                 elif outcome.kind == "unavailable":
                     if method != "DELETE":
                         self.outbox.mark_pending(row)
@@ -600,6 +605,18 @@ class Sender:
         self._server_ids[row.key] = outcome.server_id
         self._count_landed(row, created)
 
+    def _conflict(self, row: Row, status: int | None) -> None:
+        """The server's copy changed since the outbox saw it (409/412). ``sync DIR``: the
+        source file is the record, sent again without If-Match next pass. A caller that
+        re-reads and re-derives instead (``defer_conflicts``, the delivery worker) gets the row
+        in state ``conflict``, never sent on a stale version."""
+        error = f"HTTP {status}: version conflict"
+        if self.defer_conflicts:
+            self.outbox.mark_conflict(row, error)
+            self.summary.conflicts += 1
+        else:
+            self.outbox.forget_version(row, error)
+
     def _dead(self, row: Row, method: str, status: int | None, error: ServerError | None) -> None:
         outcome = error.outcome if error is not None else None
         message = error.full_message if error is not None else f"HTTP {status}"
@@ -615,7 +632,7 @@ class Sender:
             method = "DELETE" if row.state == "delete" else "PUT" if row.server_id else "POST"
             with self.outbox.transaction():
                 if isinstance(exc, Conflict) and method != "DELETE":
-                    self.outbox.forget_version(row, f"HTTP {exc.status}: version conflict")
+                    self._conflict(row, exc.status)
                 else:
                     self._dead(row, method, exc.status, exc)
             return True

@@ -204,6 +204,9 @@ class Recomputer:
         if what == "query":
             yield from self._query_back()
             return
+        if what == "subject" and ref is not None:  # a derived resource changed: re-derive
+            yield ref, None
+            return
         resource: Any = None
         if what == "resource" and body is not None:
             resource = orjson.loads(body)
@@ -342,7 +345,9 @@ class Recomputer:
             value = _business_value(resource, system)
             row = None if value is None else outbox.row("Observation", f"{system}|{value}")
             version = (resource.get("meta") or {}).get("versionId")
-            if row is None or row.state != "sent" or row.version_id == version:
+            if row is None or row.state not in ("sent", "conflict"):
+                continue
+            if row.state == "sent" and row.version_id == version:
                 continue
             log.info("derived Observation %s changed on the server: re-read", resource.get("id"))
             outbox.adopt(

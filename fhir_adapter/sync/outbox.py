@@ -515,8 +515,9 @@ class Outbox:
             )
         elif old.state == "dead" and old.hash == digest:
             result.unchanged += 1  # still refused; `dead-letters retry` re-queues it
-        elif old.state == "sending":
-            # outcome of an earlier send unknown: keep the state, refresh the content
+        elif old.state in ("sending", "conflict"):
+            # outcome of an earlier send unknown, or the server's copy changed and is still to
+            # be re-read: keep the state (no stale If-Match goes out), refresh the content
             result.changed += 1
             self.db.execute(
                 "UPDATE resources SET seq = ?, source = ?, body = ?, hash = ?, "
@@ -593,9 +594,11 @@ class Outbox:
         return int(row[0])
 
     def undelivered(self) -> int:
-        """Rows still to send that are not held back (pending, sending, to delete)."""
+        """Rows still to send that are not held back (pending, sending, to delete, or in
+        conflict with a change on the server that is still to be re-read)."""
         row = self.db.execute(
-            "SELECT COUNT(*) FROM resources WHERE state IN ('pending', 'sending', 'delete') "
+            "SELECT COUNT(*) FROM resources "
+            "WHERE state IN ('pending', 'sending', 'delete', 'conflict') "
             "AND (last_error IS NULL OR last_error NOT LIKE ?)",
             (WAITS_FOR + "%",),
         ).fetchone()
@@ -759,6 +762,25 @@ class Outbox:
         )
         row.state, row.server_id, row.version_id = "pending", server_id, version
 
+    def mark_conflict(self, row: Row, error: str) -> None:
+        """Changed on the server since we last saw it (409/412), and the caller re-reads it
+        before anything is sent again (:meth:`conflicts`, then :meth:`adopt`): not sent until
+        then, its stale version kept."""
+        self.db.execute(
+            "UPDATE resources SET state = 'conflict', last_error = ? WHERE rtype = ? AND bkey = ?",
+            (error, row.rtype, row.bkey),
+        )
+        row.state = "conflict"
+
+    def conflicts(self) -> list[Row]:
+        """Rows in conflict with a change on the server, to be re-read (:meth:`mark_conflict`)."""
+        return [
+            Row(*r)
+            for r in self.db.execute(
+                f"SELECT {_ROW_COLUMNS} FROM resources WHERE state = 'conflict' ORDER BY seq"  # noqa: S608
+            )
+        ]
+
     def forget_version(self, row: Row, error: str) -> None:
         """Changed on the server since we last saw it (409/412): the source wins next pass."""
         self.mark_pending(row, error=error)
@@ -880,7 +902,8 @@ class Outbox:
         """Record that the server holds ``bkey`` as ``rtype/server_id`` (``version``) with
         content equivalent to ``body`` - a resource written or changed on the server by someone
         else (e.g. the EHR). References to it then resolve, and staging the same content later
-        sends nothing. A row with a change of its own still to send is left alone (False).
+        sends nothing. A row with a change of its own still to send is left alone (False); a
+        row in conflict takes the server's copy (its own content is staged again after).
         """
         digest = content_hash(body)
         with self.transaction():
@@ -893,7 +916,7 @@ class Outbox:
                     (rtype, bkey, local_id, source, body, digest, server_id, version, digest),
                 )
                 return True
-            if row.state not in ("sent", "tombstone"):
+            if row.state not in ("sent", "tombstone", "conflict"):
                 return False
             self.db.execute(
                 "UPDATE resources SET body = ?, hash = ?, sent_hash = ?, state = 'sent', "

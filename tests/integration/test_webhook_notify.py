@@ -22,6 +22,7 @@ import requests
 from fhir_adapter.domain import MasiRating, RecordContext
 from fhir_adapter.jsonout import dumpb
 from fhir_adapter.mapping import common
+from tests.faultproxy import FaultProxy
 from tests.integration.conftest import (
     FHIR_HEADERS,
     IDENTIFIER_BASE,
@@ -394,3 +395,40 @@ class WebhookStackView:
 
     def value(self, value: str) -> float | None:
         return self.get(value).get("valueQuantity", {}).get("value")
+
+
+def test_a_derived_resource_changed_on_the_server_is_re_read_never_overwritten(
+    fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """The EHR edits the consensus on the server; a third rater then changes it here. The PUT
+    on the version the outbox knew is refused (412, If-Match): the worker re-reads the server's
+    copy and re-derives, and its write replaces the version it has seen — never a write
+    without If-Match over a version nobody read."""
+    stack = WebhookStack(fault_proxy.base_url, tmp_path / "outbox.sqlite")  # proxy: a recorder
+    try:
+        two_raters(stack)
+        mine = consensus(stack)
+        edited = put(stack.view.base_url, {**mine, "note": [{"text": "checked by the EHR"}]})
+        assert edited["meta"]["versionId"] != mine["meta"]["versionId"]
+
+        stack.post("masi", masi("S001", "m3", "R3", CLOSE))
+        stack.deliver()
+        after = consensus(stack)
+        assert (after["valueQuantity"]["value"], after["status"]) == (18.4, "final")
+        assert "EHR" not in str(after["note"])  # re-derived from the ratings, after reading the EHR's copy
+        puts = [
+            e["request"]
+            for b in fault_proxy.bundles()
+            for e in b["entry"]
+            if e["request"]["method"] == "PUT"
+            and e["request"]["url"] == f"Observation/{mine['id']}"
+        ]
+        assert [p.get("ifMatch") for p in puts] == [
+            f'W/"{mine["meta"]["versionId"]}"',  # refused: the EHR had changed it
+            f'W/"{edited["meta"]["versionId"]}"',  # after the re-read
+        ]
+        history = stack.view.get(f"Observation/{mine['id']}/_history")
+        assert len(history["entry"]) == 3  # ours, the EHR's, ours again: nothing lost between
+        assert stack.view.dangling_references(TYPES) == []
+    finally:
+        stack.close()
