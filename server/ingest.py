@@ -15,7 +15,7 @@ from typing import Any
 from flask import Blueprint, Response, g, request
 
 from fhir_adapter.errors import InvalidInput
-from fhir_adapter.intake import KINDS, Intake, site_today
+from fhir_adapter.intake import KINDS, Intake, Issue, site_today
 from fhir_adapter.io import load_json_records
 from fhir_adapter.mapping import common
 from fhir_adapter.sync.inbox import (
@@ -25,6 +25,7 @@ from fhir_adapter.sync.inbox import (
     InboxUnavailable,
     Replayed,
     RetractRefused,
+    cross_record_issues,
     record_ident,
 )
 from server.auth import Caller
@@ -78,12 +79,21 @@ def _unknown_fields(kind: str, records: list[dict[str, Any]], st: AppState) -> l
 
 
 def validate(kind: str, records: list[dict[str, Any]], st: AppState) -> list[Problem]:
-    """Every problem of every record, by field; never a submitted value."""
+    """Every problem of every record, by field; never a submitted value. The rules across
+    records apply where the inbox holds the records they depend on (``cross_record_issues``)."""
     problems = _unknown_fields(kind, records, st)
     intake = Intake(
         trial=st.trial, today=site_today(st.ctx.timezone), cross_file=False, settings=st.settings
     )
     _, issues = intake.read_records(kind, records, kind)
+    if not problems and not any(i.severity == "error" for i in issues):
+        cross = Intake(trial=st.trial, today=intake.today, settings=st.settings)
+        issues = cross_record_issues(st.inbox, cross, kind, records)
+    return problems + _problems(kind, issues)
+
+
+def _problems(kind: str, issues: list[Issue]) -> list[Problem]:
+    problems = []
     for issue in issues:
         if issue.severity != "error":
             continue

@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from fhir_adapter.intake import Intake, Issue
 from fhir_adapter.jsonout import dumpb
 from fhir_adapter.mapping import common
 
@@ -126,6 +127,33 @@ class Accepted:
     key: str
     ident: str
     changed: bool  # False: the same record again (nothing to deliver)
+
+
+def cross_record_issues(
+    inbox: Inbox, intake: Intake, kind: str, records: Sequence[Mapping[str, Any]]
+) -> list[Issue]:
+    """The rules across records (SPEC §3: the participant's arm and enrolment, raters per
+    subject x visit, duplicates) for the records whose participant the inbox already holds,
+    judged with what it holds of theirs — so that a record the delivery would reject is refused
+    at the door (422), not accepted (202) and dropped later. A record whose participant has not
+    arrived yet is not judged here: it waits in the inbox. ``intake`` must be cross-file.
+    Returns the issues of ``records`` (their ``line`` is the index in ``records``)."""
+    if kind == "participants":
+        return []
+    subjects = sorted({str(r["subject_id"]) for r in records if r.get("subject_id")})
+    held = [row for s in subjects for row in inbox.rows_of_subject(s) if not row.retracted]
+    incoming = {record_key(kind, r) for r in records}
+    for row in held:
+        if row.kind == "participants":
+            intake.accept("participants", row.record, "inbox", None)
+    for row in held:
+        if row.kind == kind and row.key not in incoming:  # a repeated key is an update
+            intake.accept(kind, row.record, "inbox", None)
+    start = len(intake.issues)
+    for index, record in enumerate(records):
+        if str(record.get("subject_id") or "") in intake.participants:
+            intake.accept(kind, record, kind, index)
+    return [issue for issue in intake.issues[start:] if issue.file == kind]
 
 
 @dataclass(frozen=True)

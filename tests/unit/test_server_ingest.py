@@ -294,3 +294,26 @@ def test_control_characters_are_refused(webhook: FlaskClient) -> None:
     response = post(webhook, "participants", record)
     assert response.status_code == 422
     assert issues(response)[0]["expression"] == ["participants[0].withdrawal_reason"]
+
+
+def test_rules_across_records_apply_where_the_inbox_holds_the_participant(
+    webhook: FlaskClient, inbox: Inbox
+) -> None:
+    """An AE naming an intervention the participant's arm does not give is refused at the door
+    (422) once the participant is known, never accepted (202) and dropped at delivery; before
+    the participant arrives it waits, as any record does."""
+    ae = as_json_record(helpers.adverse_event("AE0001", "S002", suspect="exosomes"))
+    assert post(webhook, "adverse_events", ae).status_code == 202  # S002 not known yet: waits
+    assert post(webhook, "participants", participant("S001", arm="laser")).status_code == 202
+    refused = post(
+        webhook,
+        "adverse_events",
+        as_json_record(helpers.adverse_event("AE0002", "S001", suspect="exosomes")),
+    )
+    assert refused.status_code == 422, refused.get_data(as_text=True)
+    assert issues(refused)[0]["expression"] == ["adverse_events[0].suspect"]
+    assert "exosomes" not in refused.get_data(as_text=True)  # no submitted value echoed
+    laser = as_json_record(helpers.adverse_event("AE0002", "S001", suspect="laser"))
+    assert post(webhook, "adverse_events", laser).status_code == 202
+    assert post(webhook, "adverse_events", laser).status_code == 202  # the same again: update
+    assert sorted(r.key for r in inbox.rows()) == ["AE0001", "AE0002", "S001"]
