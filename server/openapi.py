@@ -31,11 +31,42 @@ def openapi_path(rule: str) -> str:
     return _RULE_PARAM.sub(r"{\1}", rule)
 
 
+#: pydantic writes a custom type's bounds under their Python names: JSON Schema's are these
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _json_schema_bounds(node: Any) -> Any:
+    """``{"ge": 0, "le": 4}`` -> ``{"minimum": 0, "maximum": 4}``, everywhere in ``node``."""
+    if isinstance(node, dict):
+        return {_BOUNDS.get(k, k): _json_schema_bounds(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_json_schema_bounds(v) for v in node]
+    return node
+
+
+def _closed_vocabularies(properties: dict[str, Any], trial: Trial) -> None:
+    """The trial's ids (visits, arms, interventions) as enums: what intake accepts, no more."""
+    vocabularies = {
+        "visit": list(trial.visit_ids),
+        "arm": sorted(trial.arm_ids),
+        "suspect": [*(i.id for i in trial.interventions), "both"],
+    }
+    for name, values in vocabularies.items():
+        if name not in properties:
+            continue
+        optional = "anyOf" in properties[name]
+        closed = {"type": "string", "enum": values}
+        kept = {k: v for k, v in properties[name].items() if k in ("title", "default")}
+        properties[name] = {"anyOf": [closed, {"type": "null"}]} if optional else closed
+        properties[name].update(kept)
+
+
 def record_schema(kind: str, trial: Trial) -> dict[str, Any]:
     """The JSON Schema of one record of ``kind``, from its intake model."""
     model = KINDS[kind]
-    schema = model.model_json_schema(mode="validation", ref_template=_REF)
+    schema = _json_schema_bounds(model.model_json_schema(mode="validation", ref_template=_REF))
     properties: dict[str, Any] = schema.setdefault("properties", {})
+    _closed_vocabularies(properties, trial)
     if "answers" in properties:  # eligibility: one field per criterion, as in the CSV file
         del properties["answers"]
         for criterion in trial.criteria:
@@ -59,7 +90,8 @@ def _responses(*codes: int, accepted: str | None = None) -> dict[str, Any]:
         413: "Body over the size limit",
         415: "Not JSON",
         422: "Invalid records: every problem by field (values never echoed)",
-        503: "Not ready",
+        503: "Not ready, or the records could not be stored (nothing kept): retry after "
+        "Retry-After",
     }
     out: dict[str, Any] = {}
     for code in codes:
@@ -104,9 +136,16 @@ def _ingest_operations(kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
                 }
             },
         },
-        "responses": _responses(
-            202, 400, *_AUTH_ERRORS, 415, 422, accepted="#/components/schemas/Accepted"
-        ),
+        "responses": {
+            **_responses(
+                202, 400, *_AUTH_ERRORS, 415, 422, 503, accepted="#/components/schemas/Accepted"
+            ),
+            "200": {
+                "description": "A Standard Webhooks message id already processed: acknowledged,"
+                " not processed again",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+        },
     }
     delete = {
         "operationId": f"retract_{kind}",

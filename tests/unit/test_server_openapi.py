@@ -82,3 +82,34 @@ def test_request_schemas_come_from_the_intake_models(document: dict[str, Any]) -
     record = masi()
     del record["chin_a"]
     assert list(validator.iter_errors(record))
+
+
+@pytest.mark.parametrize(
+    ("kind", "record", "override"),
+    [
+        ("masi", masi(), {"forehead_d": 99}),
+        ("masi", masi(), {"chin_a": -1}),
+        ("masi", masi(), {"visit": "nonsense-visit"}),
+        ("pga", as_json_record(helpers.pga()), {"pga": 7}),
+        ("participants", participant(), {"arm": "placebo"}),
+        ("adverse_events", as_json_record(helpers.adverse_event()), {"grade": 6}),
+        ("adverse_events", as_json_record(helpers.adverse_event()), {"suspect": "cream"}),
+    ],
+    ids=["score-over", "score-under", "visit", "pga", "arm", "grade", "suspect"],
+)
+def test_request_schemas_refuse_what_the_intake_refuses(
+    document: dict[str, Any],
+    webhook: FlaskClient,
+    kind: str,
+    record: dict[str, Any],
+    override: dict[str, Any],
+) -> None:
+    """The published limits are JSON Schema's (minimum/maximum, enums of the trial's ids), so a
+    generated client refuses what the adapter would answer 422 — and the adapter does."""
+    bad = {**record, **override}
+    assert list(record_validator(document, kind).iter_errors(bad)), override
+    answer = webhook.post(f"/ingest/{kind}", json=bad, headers=bearer_headers())
+    assert answer.status_code == 422, answer.get_data(as_text=True)
+    text = str(document)
+    assert "'ge'" not in text
+    assert "'le'" not in text
