@@ -64,7 +64,9 @@ def _closed_vocabularies(properties: dict[str, Any], trial: Trial) -> None:
 def record_schema(kind: str, trial: Trial) -> dict[str, Any]:
     """The JSON Schema of one record of ``kind``, from its intake model."""
     model = KINDS[kind]
-    schema = _json_schema_bounds(model.model_json_schema(mode="validation", ref_template=_REF))
+    schema: dict[str, Any] = _json_schema_bounds(
+        model.model_json_schema(mode="validation", ref_template=_REF)
+    )
     properties: dict[str, Any] = schema.setdefault("properties", {})
     _closed_vocabularies(properties, trial)
     if "answers" in properties:  # eligibility: one field per criterion, as in the CSV file
