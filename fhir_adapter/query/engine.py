@@ -27,7 +27,7 @@ import orjson
 
 from fhir_adapter.jsonout import dumpb
 from fhir_adapter.query.sources import Source
-from fhir_adapter.query.viewdef import Column, Row, View
+from fhir_adapter.query.viewdef import Column, Row, View, ViewDefinitionError
 
 _DUCK_TYPES = {
     "boolean": "BOOLEAN",
@@ -139,16 +139,31 @@ def table_name(view: View) -> str:
     return view.name
 
 
+def check_table_columns(view: View) -> None:
+    """A table cannot hold two columns whose names differ only in case (DuckDB and Spark
+    compare them so): refused as an invalid view, before any row is produced."""
+    seen: dict[str, str] = {}
+    for column in view.columns:
+        other = seen.setdefault(column.name.casefold(), column.name)
+        if other != column.name:
+            raise ViewDefinitionError(
+                f"columns {other!r} and {column.name!r} differ only in case; a table "
+                "(DuckDB, Spark) cannot hold both"
+            )
+
+
 def run_views(
     views: Sequence[View],
     source: Source,
     con: duckdb.DuckDBPyConnection | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """Run every view over the source once; one DuckDB table per view (named as the view)."""
-    con = con or duckdb.connect()
     names = [table_name(v) for v in views]
     if len(set(names)) != len(names):
         raise ValueError("two views of one run have the same name")
+    for view in views:
+        check_table_columns(view)
+    con = con or duckdb.connect()
     with tempfile.TemporaryDirectory(prefix="fhir-adapter-views-") as tmp:
         sinks = [_Sink(v, (Path(tmp) / f"{i}.jsonl").open("wb")) for i, v in enumerate(views)]
         by_type: dict[str, list[_Sink]] = {}

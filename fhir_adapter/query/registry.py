@@ -43,15 +43,22 @@ def mappings_dir(settings: Settings) -> Path:
 
 
 def trial_constants(settings: Settings) -> dict[str, str]:
-    """The values the engine gives the trial views' constants."""
-    codesystem = mappings_dir(settings) / "codesystem.yaml"
+    """The values the engine gives the trial views' constants: the identifier base (a
+    setting), the trial code system's url and the canonical base of the trial's extensions
+    (mappings/codesystem.yaml, mappings/extensions.yaml)."""
+    return {
+        "idbase": settings.identifier_base,
+        "codes": _mapping_value(settings, "codesystem.yaml", "url"),
+        "canonical": _mapping_value(settings, "extensions.yaml", "canonical_base"),
+    }
+
+
+def _mapping_value(settings: Settings, file: str, key: str) -> str:
+    path = mappings_dir(settings) / file
     try:
-        url = yaml.safe_load(codesystem.read_text(encoding="utf-8"))["url"]
+        return str(yaml.safe_load(path.read_text(encoding="utf-8"))[key])
     except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
-        raise ConfigurationError(
-            f"{codesystem}: no code system url ({exc.__class__.__name__})"
-        ) from None
-    return {"idbase": settings.identifier_base, "codes": str(url)}
+        raise ConfigurationError(f"{path}: no {key} ({exc.__class__.__name__})") from None
 
 
 def load_view(path: Path, constants: Mapping[str, Any] | None = None) -> View:

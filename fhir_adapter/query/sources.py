@@ -86,9 +86,25 @@ def _ndjson_files(path: Path) -> list[Path]:
 
 
 def _named_for_other_type(path: Path, wanted: frozenset[str]) -> bool:
-    """A Bulk Data file ``Observation.ndjson`` (or ``Observation.000.ndjson``) of another type."""
+    """A Bulk Data file ``Observation.ndjson`` (or ``Observation.000.ndjson``) of another type,
+    which by the Bulk Data IG holds resources of that one type: skipped unread. Its first
+    resource must be of that type, though — a file that only borrows the name is read whole."""
     stem = path.name.split(".")[0]
-    return stem[:1].isupper() and stem.isalpha() and stem not in wanted and _looks_bulk(stem)
+    if not (stem[:1].isupper() and stem.isalpha() and stem not in wanted and _looks_bulk(stem)):
+        return False
+    return _first_type(path) == stem
+
+
+def _first_type(path: Path) -> str | None:
+    """The resourceType of a file's first resource (None when it cannot tell)."""
+    try:
+        with path.open("rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    return str(_parse_line(line, path, number)["resourceType"])
+    except (OSError, SourceUnreadable):
+        return None  # read whole: the reader then says what is wrong
+    return None
 
 
 def _looks_bulk(stem: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,14 +73,20 @@ def test_view_nulls_and_csv_and_parquet(tmp_path: Path) -> None:
         (["/nonexistent/view.json", str(GOLDEN)], 66, "cannot be read"),
         ([str(VIEWS / "subjects.json"), "/nonexistent/data"], 66, "no such file or directory"),
         (["BAD", str(GOLDEN)], 65, "invalid ViewDefinition"),
+        (["CASE", str(GOLDEN)], 65, "differ only in case"),
     ],
 )
 def test_view_exit_codes_and_one_line_messages(
     args: list[str], code: int, message: str, tmp_path: Path
 ) -> None:
-    if args[0] == "BAD":
+    views = {
+        "BAD": {"resource": "Patient", "select": [{"forEach": "@@"}]},
+        "CASE": {"resource": "Patient", "select": [{"column": [
+            {"name": "id", "path": "id"}, {"name": "ID", "path": "id"}]}]},
+    }  # fmt: skip
+    if args[0] in views:
         bad = tmp_path / "bad.json"
-        bad.write_text(json.dumps({"resource": "Patient", "select": [{"forEach": "@@"}]}))
+        bad.write_text(json.dumps(views[args[0]]))
         args = [str(bad), *args[1:]]
     done = run("view", *args)
     assert done.returncode == code
@@ -175,3 +182,24 @@ def test_adverse_event_view_reads_the_course_and_the_causality_words() -> None:
     by_key = {(r["ae_id"], r["suspect_key"]): r for r in map(json.loads, suspects.stdout.splitlines())}
     assert by_key[("AE0001", "Device/laser")]["causality"] == "possibly_related"
     assert by_key[("AE0002", "Device/laser")]["causality"] is None
+
+
+def test_trial_extensions_are_found_under_another_identifier_base(tmp_path: Path) -> None:
+    """The trial's extension URLs come from extensions.yaml's canonical_base, not from the
+    identifier base: the views read them through the `canonical` constant, so a deployment with
+    its own FHIR_ADAPTER_IDENTIFIER_BASE sees the same causality and window flags."""
+    golden_input = GOLDEN.parent.parent / "input"
+    rows = {}
+    for base in ("urn:nct06677931", "urn:other-trial"):
+        out = tmp_path / f"{base.rsplit(':', 1)[1]}.ndjson"
+        env = {**os.environ, "FHIR_ADAPTER_IDENTIFIER_BASE": base}
+        done = run("map", str(golden_input), "--format", "ndjson", "--out", str(out), env=env)
+        assert done.returncode == 0, done.stderr
+        tables = registry_tables(NdjsonSource([out]), Settings(identifier_base=base))
+        rows[base] = sorted(
+            (r["ae_id"], r["causality_on_study_treatment"]) for r in tables.rows("adverse_events")
+        )
+    assert rows["urn:other-trial"] == rows["urn:nct06677931"]
+    assert (True in {flag for _, flag in rows["urn:nct06677931"]})  # the extension is there
+    views = {v.name: v for v in trial_views(Settings(identifier_base="urn:other-trial"))}
+    assert views["adverse_events"].constants["canonical"] == "urn:nct06677931"

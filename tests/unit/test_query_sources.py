@@ -47,6 +47,18 @@ def test_ndjson_directory_bulk_layout_and_single_file(tmp_path: Path) -> None:
     assert len(list(source.resources(None))) == 5
 
 
+def test_a_file_that_only_borrows_a_bulk_name_is_read_whole(tmp_path: Path) -> None:
+    """Every *.ndjson file is read (pinned): a Bulk Data file of another type is skipped only
+    when it is one (its first resource is of its type), never because of its name alone."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    _ndjson(mixed / "Observation.ndjson", [_patient(1), {"resourceType": "Observation"}])
+    _ndjson(mixed / "Encounter.ndjson", [{"resourceType": "Encounter"}, _patient(2)])
+    source = NdjsonSource([mixed])
+    # Observation.ndjson starts with a Patient: read; Encounter.ndjson is a Bulk file: skipped
+    assert [r["id"] for r in source.resources(["Patient"])] == ["p1"]
+
+
 def test_ndjson_skips_blank_lines_and_names_a_bad_line(tmp_path: Path) -> None:
     path = tmp_path / "x.ndjson"
     path.write_bytes(orjson.dumps(_patient(1)) + b"\n\n{broken\n")
