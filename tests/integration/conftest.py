@@ -58,6 +58,12 @@ from typing import Any  # noqa: E402
 FHIR_ADAPTER = Path(sys.executable).with_name("fhir-adapter")
 IDENTIFIER_BASE = "urn:nct06677931:"
 FHIR_HEADERS = {"Accept": "application/fhir+json", "Content-Type": "application/fhir+json"}
+#: every resource type the adapter writes to a server (R4), and the Subscription of `subscribe`
+WRITTEN_TYPES = [
+    "AdverseEvent", "CodeSystem", "Consent", "Device", "Encounter", "Group", "Location",
+    "Measure", "MeasureReport", "Observation", "Organization", "Patient", "Practitioner",
+    "Provenance", "ResearchStudy", "ResearchSubject", "Subscription", "Substance",
+]  # fmt: skip
 HTTP_TIMEOUT = 60
 
 
@@ -163,11 +169,18 @@ class AdapterCli:
         return outbox_rows(self.outbox)
 
     def outbox_counts(self) -> dict[str, dict[str, int]]:
-        """``fhir-adapter outbox status --json``: {type: {state: n}}."""
-        result = self.run("outbox", "status", "--outbox", str(self.outbox), "--json")
-        assert result.code == 0, result
-        counts: dict[str, dict[str, int]] = result.json["counts"]
-        return counts
+        """{type: {state: n}}, what ``fhir-adapter outbox status --json`` shows (read straight
+        from the file: a process start per check cost ~1 s; the command has tests of its own)."""
+        db = sqlite3.connect(f"file:{self.outbox}?mode=ro", uri=True, timeout=30)
+        try:
+            counts: dict[str, dict[str, int]] = {}
+            for rtype, state, n in db.execute(
+                "SELECT rtype, state, COUNT(*) FROM resources GROUP BY rtype, state"
+            ):
+                counts.setdefault(str(rtype), {})[str(state)] = int(n)
+            return counts
+        finally:
+            db.close()
 
 
 def outbox_rows(path: Path) -> dict[tuple[str, str], tuple[str, str | None]]:
@@ -215,8 +228,9 @@ class FhirView:
         return int(total)
 
     def counts(self, rtypes: list[str] | None = None) -> dict[str, int]:
-        """Non-zero counts per type (every type of the server by default)."""
-        found = {t: self.count(t) for t in (rtypes or self.types())}
+        """Non-zero counts per type (by default every type the adapter writes: the ~146 of a
+        HAPI CapabilityStatement cost a second per call and hold nothing the adapter sends)."""
+        found = {t: self.count(t) for t in (rtypes or WRITTEN_TYPES)}
         return {t: n for t, n in found.items() if n}
 
     def search(self, rtype: str, params: Mapping[str, str] | None = None) -> list[dict[str, Any]]:

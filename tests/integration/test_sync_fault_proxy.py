@@ -178,8 +178,9 @@ def test_2xx_entries_without_location_are_resolved_by_look_up(
     }
 
 
-# Faults before any write reaches the server (refused connections, 503s, dropped interactions)
-# do not depend on how the server applies a Bundle: HAPI runs them once, in layers.
+# Faults before any write reaches the server (refused connections, 503s) do not depend on how
+# the server applies a Bundle: HAPI runs them once, in layers (README "FHIR servers the adapter
+# is tested against"). What the CapabilityStatement offers does: that test runs on all three.
 NETWORK_ONLY = pytest.mark.parametrize("sync_target", ["medplum", "hapi"], indirect=True)
 
 
@@ -358,7 +359,8 @@ def test_refused_look_up_leaves_records_undelivered_never_created(
 
 
 # -- capabilities --------------------------------------------------------------------------------
-@NETWORK_ONLY
+# on hapi-atomic too: atomic transactions configured, but the server offers only batch (or no
+# Bundles at all): the adapter falls back to dependency layers
 @pytest.mark.parametrize(
     ("offered", "bundle_type"),
     [({"batch"}, "batch"), (set(), None)],
