@@ -33,8 +33,11 @@ typecheck: install
 unit: install
 	$(BIN)/pytest
 
+# two workers (the machines have 2 cores; the tests wait on servers and subprocesses as much as
+# they compute): a module's tests stay together, every HAPI test in one worker (tests/conftest.py)
+PYTEST_WORKERS ?= 2
 test: lint typecheck
-	$(BIN)/pytest --cov=fhir_adapter --cov-report=term
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=25 --cov=fhir_adapter --cov-report=term
 
 demo: $(DEMO_STAMP)
 	$(BIN)/fhir-adapter demo --out $(DEMO_DIR)

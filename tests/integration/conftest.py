@@ -500,6 +500,19 @@ def sync_target(request: pytest.FixtureRequest) -> SyncTarget:
     return emptied_target(request, request.param)
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a pytest-xdist worker: hand the HAPI summary to the controller, which prints it."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["hapi_summary"] = json.dumps(_HAPI_SUMMARY)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """The controller of pytest-xdist gathers the workers' HAPI summaries."""
+    _HAPI_SUMMARY.extend(json.loads(getattr(node, "workeroutput", {}).get("hapi_summary", "[]")))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _HAPI_SUMMARY:
         terminalreporter.section("HAPI FHIR")
