@@ -37,7 +37,7 @@ unit: install
 # they compute): a module's tests stay together, every HAPI test in one worker (tests/conftest.py)
 PYTEST_WORKERS ?= 2
 test: lint typecheck
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=25 --cov=fhir_adapter --cov-report=term
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --durations=25 --cov=fhir_adapter --cov-report=term
 
 demo: $(DEMO_STAMP)
 	$(BIN)/fhir-adapter demo --out $(DEMO_DIR)

@@ -375,13 +375,14 @@ def stored_problems(view: FhirView, rtypes: list[str]) -> dict[str, Any]:
 # FHIR_ADAPTER_TEST_REQUIRE_HAPI=1 to make that a failure instead, e.g. in CI).
 
 from tests.hapi import HapiServer, HapiUnavailable  # noqa: E402
+from tests.session_summary import HAPI_SUMMARY  # noqa: E402
 
 # HAPI answers an identical search from its cache for 60 s (JpaStorageSettings
 # reuseCachedSearchResultsForMillis), even after writes: the read-only views must see fresh data.
 FHIR_HEADERS["Cache-Control"] = "no-cache"
 
 SERVER_KINDS = ("medplum", "hapi")
-_HAPI_SUMMARY: list[str] = []
+_HAPI_SUMMARY = HAPI_SUMMARY  # printed by tests/conftest.py (also under pytest-xdist)
 _HAPI_UNAVAILABLE: list[str] = []  # the one reason the HAPI tests skip, if they do
 
 
@@ -498,26 +499,6 @@ def emptied_target(request: pytest.FixtureRequest, kind: str) -> SyncTarget:
 def sync_target(request: pytest.FixtureRequest) -> SyncTarget:
     """Runs the test once per sync target, against that server emptied."""
     return emptied_target(request, request.param)
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """In a pytest-xdist worker: hand the HAPI summary to the controller, which prints it."""
-    workeroutput = getattr(session.config, "workeroutput", None)
-    if workeroutput is not None:
-        workeroutput["hapi_summary"] = json.dumps(_HAPI_SUMMARY)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: Any) -> None:
-    """The controller of pytest-xdist gathers the workers' HAPI summaries."""
-    _HAPI_SUMMARY.extend(json.loads(getattr(node, "workeroutput", {}).get("hapi_summary", "[]")))
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if _HAPI_SUMMARY:
-        terminalreporter.section("HAPI FHIR")
-        for line in _HAPI_SUMMARY:
-            terminalreporter.write_line(line)
 
 
 @pytest.hookimpl(hookwrapper=True)
