@@ -22,8 +22,9 @@ from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import orjson
+import requests
 
-from fhir_adapter.client import FhirClient, retry_after_seconds
+from fhir_adapter.client import FhirClient, is_loopback, retry_after_seconds
 from fhir_adapter.errors import AdapterError, ExitCode, InputUnreadable, ServerRejected
 from fhir_adapter.query.fhirpath import model_for, resource_types
 
@@ -167,8 +168,16 @@ class ServerSource:
             raise ValueError("a server source needs the resource types to read")
         wanted = sorted(set(types))
         if self.bulk != "never" and self._offers_export():
-            yield from BulkExport(self).resources(wanted)
-            return
+            export = BulkExport(self)
+            try:
+                files = export.prepare(wanted)
+            except BulkUnusable as exc:  # nothing read yet: searching instead loses nothing
+                if self.bulk == "always":
+                    raise
+                log.warning("%s; reading the server by search instead", exc)
+            else:
+                yield from export.read(files, wanted)
+                return
         if self.bulk == "always":
             raise ServerRejected(f"{self.client.base_url} does not offer Bulk Data $export")
         for rtype in wanted:
@@ -230,6 +239,15 @@ class ServerSource:
         return False
 
 
+class BulkUnusable(ServerAnswerError):
+    """The export's files cannot be read as offered (another origin that wants the token)."""
+
+
+def _private_channel(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname))
+
+
 def same_origin(url: str, base: str) -> bool:
     a, b = urlsplit(url), urlsplit(base)
     return (a.scheme, a.hostname, a.port or _port(a.scheme)) == (
@@ -251,16 +269,41 @@ class BulkExport:
         self.client = source.client
 
     def resources(self, types: list[str]) -> Iterator[Resource]:
+        yield from self.read(self.prepare(types), types)
+
+    def prepare(self, types: list[str]) -> list[tuple[str, bool]]:
+        """Kick-off, polling and the manifest: the files to read, each with whether the
+        server's credentials go with it. Files on another origin (cloud storage) are read only
+        when the manifest says no token is needed (``requiresAccessToken: false``), over https
+        or on this machine, and then without credentials: the token never leaves the server's
+        origin. Otherwise :class:`BulkUnusable`, before anything is read."""
         manifest = self._wait(self._kick_off(types))
         wanted = frozenset(types)
+        needs_token = manifest.get("requiresAccessToken") is not False
+        files = []
         for item in manifest.get("output", []) or []:
             url = item.get("url")
             if item.get("type") not in wanted or not isinstance(url, str):
                 continue
-            yield from self._download(url, wanted)
+            url = urljoin(self.client.base_url + "/", url)
+            if same_origin(url, self.client.base_url):
+                files.append((url, True))
+            elif not needs_token and _private_channel(url):
+                files.append((url, False))
+            else:
+                raise BulkUnusable(
+                    f"$export: a file lies on another origin ({urlsplit(url).netloc})"
+                    + (" and needs the server's token" if needs_token else " over plain http")
+                )
         errors = manifest.get("error", []) or []
         if errors:
             log.warning("$export reported %d error file(s); not read", len(errors))
+        return files
+
+    def read(self, files: list[tuple[str, bool]], types: Iterable[str]) -> Iterator[Resource]:
+        wanted = frozenset(types)
+        for url, credentials in files:
+            yield from self._download(url, wanted, credentials)
 
     def _kick_off(self, types: list[str]) -> str:
         response, _ = self.client.request(
@@ -295,16 +338,24 @@ class BulkExport:
                 raise ServerAnswerError("$export: still not complete after the polling limit")
             self.source.sleep(1.0 if delay is None else min(delay, 60.0))
 
-    def _download(self, url: str, wanted: frozenset[str]) -> Iterator[Resource]:
-        url = self._checked(url, "download")
+    def _download(self, url: str, wanted: frozenset[str], credentials: bool) -> Iterator[Resource]:
         client = self.client
-        response = client.session.get(
-            url,
-            headers={"Accept": "application/fhir+ndjson"},
-            auth=client.auth,
-            timeout=client.timeout,
-            stream=True,
-        )
+        if credentials:
+            response = client.session.get(
+                url,
+                headers={"Accept": "application/fhir+ndjson"},
+                auth=client.auth,
+                timeout=client.timeout,
+                stream=True,
+            )
+        else:  # another origin: a session of its own, nothing of the server's but its TLS setup
+            with requests.Session() as plain:
+                plain.verify = client.session.verify
+                plain.proxies = client.session.proxies
+                response = plain.get(
+                    url, headers={"Accept": "application/fhir+ndjson"}, timeout=client.timeout,
+                    stream=True,
+                )  # fmt: skip
         with response:
             if response.status_code != 200:
                 raise ServerAnswerError(f"$export download: HTTP {response.status_code}")
@@ -318,6 +369,7 @@ class BulkExport:
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "BulkExport",
+    "BulkUnusable",
     "NdjsonSource",
     "Resource",
     "ServerAnswerError",

@@ -145,7 +145,9 @@ def test_same_origin() -> None:
     assert not same_origin("https://b.a.org/fhir", "https://a.org/fhir")
 
 
-def _export_server(server: HTTPServer) -> None:
+def _export_server(
+    server: HTTPServer, files_host: str | None = None, requires_token: bool = False
+) -> None:
     server.expect_request("/fhir/metadata").respond_with_json({
         "resourceType": "CapabilityStatement", "fhirVersion": "4.0.1",
         "rest": [{"mode": "server", "operation": [
@@ -164,12 +166,18 @@ def _export_server(server: HTTPServer) -> None:
         state["polls"] += 1
         if state["polls"] < 3:
             return Response(status=202, headers={"Retry-After": "2", "X-Progress": "working"})
+
+        def file_url(name: str) -> str:
+            url = server.url_for(f"/files/{name}")
+            return url.replace("127.0.0.1", files_host) if files_host else url
+
         manifest = {
-            "transactionTime": "2026-01-01T00:00:00Z", "request": "x", "requiresAccessToken": False,
+            "transactionTime": "2026-01-01T00:00:00Z", "request": "x",
+            "requiresAccessToken": requires_token,
             "output": [
-                {"type": "Patient", "url": server.url_for("/files/Patient.ndjson")},
-                {"type": "Observation", "url": server.url_for("/files/Observation.ndjson")},
-                {"type": "Encounter", "url": server.url_for("/files/Encounter.ndjson")},
+                {"type": "Patient", "url": file_url("Patient.ndjson")},
+                {"type": "Observation", "url": file_url("Observation.ndjson")},
+                {"type": "Encounter", "url": file_url("Encounter.ndjson")},
             ],
             "error": [],
         }  # fmt: skip
@@ -193,6 +201,47 @@ def test_bulk_export_kick_off_poll_manifest_download(httpserver: HTTPServer) -> 
     assert got == [("Patient", "p0"), ("Patient", "p1"), ("Patient", "p2"), ("Observation", "o1")]
     assert slept == [2.0, 2.0]  # Retry-After honoured between polls
     assert source.pages_read == 0  # no search was made
+
+
+def _token_client(server: HTTPServer) -> FhirClient:
+    settings = Settings(max_attempts=2, max_retry_seconds=5, fhir_auth="bearer", fhir_token="tkn")  # noqa: S106
+    return FhirClient(settings, server.url_for("/fhir"))
+
+
+def test_bulk_files_on_another_origin_are_read_without_the_token(httpserver: HTTPServer) -> None:
+    """Cloud storage: files elsewhere, `requiresAccessToken: false` - read, and the server's
+    token stays with the server."""
+    _export_server(httpserver, files_host="localhost")
+    source = ServerSource(_token_client(httpserver), sleep=lambda _s: None)
+    got = [r["id"] for r in source.resources(["Patient", "Observation"])]
+    assert got == ["p0", "p1", "p2", "o1"]
+    sent = {r.path: r.headers.get("Authorization") for r, _ in httpserver.log}
+    assert sent["/fhir/$export"] == "Bearer tkn"
+    assert sent["/files/Patient.ndjson"] is None
+    assert sent["/files/Observation.ndjson"] is None
+
+
+@pytest.mark.parametrize("bulk", ["auto", "always"])
+def test_bulk_files_elsewhere_that_need_the_token_are_not_fetched(
+    httpserver: HTTPServer, bulk: str
+) -> None:
+    """The token never goes to another origin: `auto` reads the server by search instead
+    (nothing was read yet), `always` refuses."""
+    _export_server(httpserver, files_host="localhost", requires_token=True)
+    entries = [{"resource": _patient(9), "search": {"mode": "match"}}]
+    httpserver.expect_request("/fhir/Patient").respond_with_json(
+        {"resourceType": "Bundle", "type": "searchset", "entry": entries}
+    )
+    httpserver.expect_request("/fhir/Observation").respond_with_json(
+        {"resourceType": "Bundle", "type": "searchset"}
+    )
+    source = ServerSource(_token_client(httpserver), sleep=lambda _s: None, bulk=bulk)
+    if bulk == "always":
+        with pytest.raises(ServerAnswerError, match=r"another origin .* needs the server's token"):
+            list(source.resources(["Patient", "Observation"]))
+    else:
+        assert [r["id"] for r in source.resources(["Patient", "Observation"])] == ["p9"]
+    assert not any(r.path.startswith("/files/") for r, _ in httpserver.log)
 
 
 def test_bulk_always_refuses_a_server_without_export(httpserver: HTTPServer) -> None:
