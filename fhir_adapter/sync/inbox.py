@@ -142,13 +142,15 @@ def cross_record_issues(
         return []
     subjects = sorted({str(r["subject_id"]) for r in records if r.get("subject_id")})
     held = [row for s in subjects for row in inbox.rows_of_subject(s) if not row.retracted]
-    incoming = {record_key(kind, r) for r in records}
     for row in held:
         if row.kind == "participants":
             intake.accept("participants", row.record, "inbox", None)
+    if not intake.participants:  # every record waits for its participant: nothing to judge
+        return []
+    incoming = {record_key(kind, r) for r in records}
     for row in held:
-        if row.kind == kind and row.key not in incoming:  # a repeated key is an update
-            intake.accept(kind, row.record, "inbox", None)
+        if row.kind == kind and row.key not in incoming and row.subject in intake.participants:
+            intake.accept(kind, row.record, "inbox", None)  # a repeated key is an update
     start = len(intake.issues)
     for index, record in enumerate(records):
         if str(record.get("subject_id") or "") in intake.participants:
