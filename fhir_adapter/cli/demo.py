@@ -171,8 +171,11 @@ def _map(app: AppContext, data: Path, out: Path) -> None:
             written = write_ndjson(resources, fh)
             for resource in write_bundles(written, target / "bundles", app.settings.bundle_size):
                 counts[resource["resourceType"]] += 1
+        step = (
+            "5. mapped to FHIR" if version == "R4" else "   and to FHIR"
+        )  # one step, two versions
         _say(
-            f"5. mapped to FHIR {version}: {sum(counts.values())} resources, all validated "
+            f"{step} {version}: {sum(counts.values())} resources, all validated "
             f"({', '.join(f'{t} {n}' for t, n in sorted(counts.items()))}); "
             f"{target / 'all.ndjson'} and {target / 'bundles'}/"
         )

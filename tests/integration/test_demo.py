@@ -32,7 +32,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
         "3. scored",
         "4. eligibility",
         "5. mapped to FHIR R4",
-        "5. mapped to FHIR R5",
+        "   and to FHIR R5",
         "6. started the local FHIR",
         "7. report of what the server holds (enrolled: combo 4, laser 4)",
         "8. stopped the local FHIR server",
