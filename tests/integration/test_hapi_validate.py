@@ -6,9 +6,10 @@ each selected resource is POSTed to ``[type]/$validate`` on the HAPI FHIR JPA te
 and Measure are stored on the server first, so the trial's codes are checked against it and
 MeasureReport.measure resolves.
 
-Every resource is validated (~75 s on 2 cores). ``HAPI_VALIDATE_SAMPLE=1`` validates one
-resource per *shape* (type + the set of element paths + every coded value) and a seeded sample
-of the rest instead, for a quick local run.
+Selection: one resource per *shape* (type + the set of element paths + every coded value: what
+the validator's verdict depends on, primitive values aside, which the adapter checks itself) and
+a seeded sample of the rest. ``HAPI_VALIDATE_ALL=1`` validates every resource (~75 s on an idle
+2-core machine, ~190 s beside the other test worker: too much for `make test`'s budget).
 No issue may be an error or fatal; the warnings are grouped in the terminal summary ("HAPI
 FHIR") and written in full to ``hapi-validate-warnings.txt`` under pytest's base temp dir.
 """
@@ -95,7 +96,7 @@ def shape(resource: dict[str, Any]) -> tuple[str, frozenset[tuple[str, ...]]]:
 
 
 def select(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    if not os.environ.get("HAPI_VALIDATE_SAMPLE"):
+    if os.environ.get("HAPI_VALIDATE_ALL"):
         return resources
     first: dict[Any, int] = {}
     for i, resource in enumerate(resources):
@@ -212,7 +213,7 @@ def test_no_resource_has_an_error_or_fatal_issue(sweep: Sweep) -> None:
 
 def test_every_type_and_shape_was_validated(sweep: Sweep, emitted: list[dict[str, Any]]) -> None:
     assert {shape(r) for r in sweep.validated} == {shape(r) for r in emitted}
-    if not os.environ.get("HAPI_VALIDATE_SAMPLE"):
+    if os.environ.get("HAPI_VALIDATE_ALL"):
         assert len(sweep.validated) == len(emitted)  # every resource, not a sample
     assert len(sweep.validated) >= min(len(emitted), SAMPLE)
 

@@ -178,14 +178,9 @@ def test_2xx_entries_without_location_are_resolved_by_look_up(
     }
 
 
-# Faults before any write reaches the server (refused connections, 503s) do not depend on how
-# the server applies a Bundle: HAPI runs them once, in layers (README "FHIR servers the adapter
-# is tested against"). What the CapabilityStatement offers does: that test runs on all three.
-NETWORK_ONLY = pytest.mark.parametrize("sync_target", ["medplum", "hapi"], indirect=True)
 
 
 # -- not applied ---------------------------------------------------------------------------------
-@NETWORK_ONLY
 def test_503_with_retry_after_is_waited_out(
     cli: AdapterCli,
     fault_proxy: FaultProxy,
@@ -204,7 +199,6 @@ def test_503_with_retry_after_is_waited_out(
     assert_server_holds_exactly(server, planned, "503 with Retry-After, twice")
 
 
-@NETWORK_ONLY
 def test_503_for_as_long_as_it_lasts_is_not_success_and_loses_nothing(
     cli: AdapterCli,
     fault_proxy: FaultProxy,
@@ -237,7 +231,6 @@ def down_stderr(cli: AdapterCli, data: Path) -> str:
     return result.stderr
 
 
-@NETWORK_ONLY
 def test_refused_connections_then_healed(
     cli: AdapterCli,
     fault_proxy: FaultProxy,
@@ -359,8 +352,8 @@ def test_refused_look_up_leaves_records_undelivered_never_created(
 
 
 # -- capabilities --------------------------------------------------------------------------------
-# on hapi-atomic too: atomic transactions configured, but the server offers only batch (or no
-# Bundles at all): the adapter falls back to dependency layers
+# hapi-atomic: atomic transactions configured, but the server offers only batch (or no Bundles
+# at all): the adapter falls back to dependency layers
 @pytest.mark.parametrize(
     ("offered", "bundle_type"),
     [({"batch"}, "batch"), (set(), None)],
@@ -392,7 +385,6 @@ def test_without_transaction_it_uses_batch_or_single_requests(
 
 
 # -- one writer ----------------------------------------------------------------------------------
-@NETWORK_ONLY
 def test_two_syncs_at_the_same_moment_send_nothing_twice(
     cli: AdapterCli,
     fault_proxy: FaultProxy,
@@ -420,7 +412,6 @@ def json_of(stdout: str) -> dict[str, Any]:
     return out
 
 
-@NETWORK_ONLY
 def test_proxy_forwards_untouched_without_faults(
     fault_proxy: FaultProxy, fault_upstream: str, server: FhirView
 ) -> None:
