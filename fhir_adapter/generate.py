@@ -1432,9 +1432,10 @@ GENERATED_MARKER = ".fhir-adapter-generated"
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Refuse ``out_dir`` unless it is new, empty or a set this function generated before: a
-    directory of real source files (a participants.csv of the hospital's) is never written
-    over. :class:`~fhir_adapter.errors.OutputRefused` (exit 2) names the reason."""
+    """Refuse ``out_dir`` when it holds a file of the names this function writes that it did
+    not write itself (a hospital's participants.csv is never written over); a set it generated
+    before (its marker file) is written over, other files are left alone.
+    :class:`~fhir_adapter.errors.OutputRefused` (exit 2) names the reason."""
     ours = {file_name(kind) for kind in KINDS} | {"bad", GENERATED_MARKER}
     generated = (out_dir / GENERATED_MARKER).is_file()
     check_output(
@@ -1442,7 +1443,8 @@ def check_out_dir(out_dir: Path) -> None:
         option="OUT_DIR",
         inputs=(),
         kind="directory",
-        owned=lambda path: generated and path.name in ours,
+        owned=lambda path: generated or path.name not in ours,
+        overwrite="generate would write over them",
     )
 
 

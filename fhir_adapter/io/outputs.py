@@ -54,8 +54,10 @@ def check_output(
     inputs: Iterable[Path],
     kind: Literal["file", "directory"],
     owned: Owned,
+    overwrite: str = "it replaces the directory's contents on every run",
 ) -> None:
-    """Refuse ``path`` as the output of ``option`` unless writing it is safe (see the module)."""
+    """Refuse ``path`` as the output of ``option`` unless writing it is safe (see the module).
+    ``overwrite`` says what writing would do to a directory's files (the refusal names it)."""
     where = f"{option} {path}"
     exists = os.path.lexists(path)
     if exists and not path.exists():
@@ -74,11 +76,11 @@ def check_output(
                 "directory of its own"
             )
     if exists:
-        _check_existing(path, where, kind, owned)
+        _check_existing(path, where, kind, owned, overwrite)
     _check_writable(path, where, kind)
 
 
-def _check_existing(path: Path, where: str, kind: str, owned: Owned) -> None:
+def _check_existing(path: Path, where: str, kind: str, owned: Owned, overwrite: str) -> None:
     if kind == "directory":
         if not path.is_dir():
             raise OutputRefused(f"{where}: not a directory (this option names a directory)")
@@ -90,8 +92,8 @@ def _check_existing(path: Path, where: str, kind: str, owned: Owned) -> None:
         if foreign:
             listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise OutputRefused(
-                f"{where}: holds files fhir-adapter did not write ({listed}); it replaces the "
-                "directory's contents on every run - choose a new or empty directory"
+                f"{where}: holds files fhir-adapter did not write ({listed}); {overwrite} - "
+                "choose a new or empty directory"
             )
         return
     if path.is_dir():

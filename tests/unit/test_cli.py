@@ -336,7 +336,13 @@ def test_generate_never_writes_over_files_it_did_not_write(tmp_path: Path) -> No
     a_file = tmp_path / "a-file"
     a_file.write_text("x", encoding="utf-8")
     assert run("generate", a_file, cwd=tmp_path).returncode == 2
-    # a set it generated itself may be generated again (make demo twice)
+    # files of other names are left alone; a set it generated itself is written over again
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine", encoding="utf-8")
+    done = run("generate", other, "--participants", "2", "--today", "2026-12-07", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (other / "notes.txt").read_text(encoding="utf-8") == "mine"
     fresh = tmp_path / "fresh"
     for _ in range(2):
         again = run("generate", fresh, "--participants", "2", "--today", "2026-12-07", cwd=tmp_path)
