@@ -91,11 +91,13 @@ def _sync_in_process(
     )
     intake = Intake(trial=trial, today=site_today(timezone))
     recorded: Recorded = []
+    answers: list[bytes] = []  # kept as bytes: the hook runs inside the timed sync
 
     def record(response: requests.Response, *args: Any, **kwargs: Any) -> None:
         request = response.request
         if request.method == "POST" and isinstance(request.body, bytes):
-            recorded.append((request.body, [], [response.content.decode()]))
+            recorded.append((request.body, [], []))
+            answers.append(response.content)
 
     with FhirClient(settings) as client:
         client.session.hooks["response"].append(record)
@@ -109,7 +111,7 @@ def _sync_in_process(
                 bundle_size=settings.bundle_size,
                 threshold=trial.adjudication_threshold,
             )
-    for index, (body, _, (answer,)) in enumerate(recorded):
+    for index, ((body, _, _), answer) in enumerate(zip(recorded, answers, strict=True)):
         recorded[index] = (body, *_statuses(orjson.loads(answer)))
     sent = result.send.created + result.send.updated if result.send else 0
     return seconds[0], sent, result, recorded

@@ -94,16 +94,68 @@ def stage_directory(
     strict: bool = False,
     **mapper_kw: Any,
 ) -> tuple[StageResult, DatasetMapper]:
-    mapper = DatasetMapper(ctx, intake, **mapper_kw)
-    validator = ResourceValidator(ctx.terminology, ctx.fhir_version, strict=strict)
+    mapper, items = _mapped(outbox, ctx, intake, directory, strict, mapper_kw)
     result = outbox.stage(
-        _staged_items(mapper, directory, validator, outbox.landed_hashes()),
+        items,
         mapper.complete_sources,
         ctx.fhir_version,
         allow_removals=allow_removals,
         max_removal_share=max_removal_share,
     )
     return result, mapper
+
+
+def _mapped(
+    outbox: Outbox,
+    ctx: MappingContext,
+    intake: Intake,
+    directory: Path,
+    strict: bool,
+    mapper_kw: dict[str, Any],
+) -> tuple[DatasetMapper, Iterator[tuple[str, Resource, bytes]]]:
+    mapper = DatasetMapper(ctx, intake, **mapper_kw)
+    validator = ResourceValidator(ctx.terminology, ctx.fhir_version, strict=strict)
+    return mapper, _staged_items(mapper, directory, validator, outbox.landed_hashes())
+
+
+def _stage_and_send(
+    outbox: Outbox,
+    sender: Sender,
+    ctx: MappingContext,
+    intake: Intake,
+    directory: Path,
+    *,
+    allow_removals: bool,
+    max_removal_share: float,
+    strict: bool,
+    **mapper_kw: Any,
+) -> tuple[StageResult, SendSummary, DatasetMapper]:
+    """Stage, then send; or — when the outbox has nothing else to send (a first sync, a
+    settled outbox) and Bundles need not be atomic — send while staging
+    (:meth:`Outbox.stage_in_batches`, :meth:`Sender.run`)."""
+    if sender.atomic or not outbox.nothing_to_send():
+        stage, mapper = stage_directory(
+            outbox,
+            ctx,
+            intake,
+            directory,
+            allow_removals=allow_removals,
+            max_removal_share=max_removal_share,
+            strict=strict,
+            **mapper_kw,
+        )
+        return stage, sender.run(), mapper
+    mapper, items = _mapped(outbox, ctx, intake, directory, strict, mapper_kw)
+    stage = StageResult()
+    batches = outbox.stage_in_batches(
+        items,
+        mapper.complete_sources,
+        stage,
+        ctx.fhir_version,
+        allow_removals=allow_removals,
+        max_removal_share=max_removal_share,
+    )
+    return stage, sender.run(staged=batches), mapper
 
 
 def sync_directory(
@@ -140,13 +192,6 @@ def sync_directory(
     with Outbox(outbox_path) as outbox, outbox.writer_lock(settings.lock_timeout_s):
         outbox.bind_server(client.base_url)
         skipped = None if fingerprint is None else outbox.unchanged_stage(fingerprint, today)
-        if skipped is not None:
-            # staging these very inputs again would change nothing (fingerprint.py)
-            stage, unreadable = StageResult(unchanged=skipped), []
-        else:
-            outbox.forget_clean_stage()
-            stage, mapper = stage_directory(outbox, ctx, intake, directory, **stage_kw, **mapper_kw)
-            unreadable = mapper.unreadable
         sender = Sender(
             client,
             outbox,
@@ -155,7 +200,16 @@ def sync_directory(
             identity=identity,
             on_progress=on_progress,
         )
-        send = sender.run()
+        if skipped is not None:
+            # staging these very inputs again would change nothing (fingerprint.py)
+            stage, unreadable = StageResult(unchanged=skipped), []
+            send = sender.run()
+        else:
+            outbox.forget_clean_stage()
+            stage, send, mapper = _stage_and_send(
+                outbox, sender, ctx, intake, directory, **stage_kw, **mapper_kw
+            )
+            unreadable = mapper.unreadable
         clean = not (intake.issues or intake.rejected or unreadable or stage.refused_removals)
         # the files read while staging must be the ones fingerprinted (none changed meanwhile)
         unchanged = fingerprint == input_fingerprint(

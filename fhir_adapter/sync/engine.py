@@ -29,12 +29,16 @@ point resumes where it stopped: nothing lost, nothing duplicated.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
+import sys
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -65,7 +69,17 @@ LOCAL_REFERENCE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})$")
 # a reference in an outbox body (canonical, compact orjson): rewritten on the bytes, which is
 # several times faster than walking the parsed resource
 _REFERENCE_BYTES = re.compile(rb'"reference":"([^"\\]*)"')
+# the head of an outbox body: its type, then (where it has one) its id
+_TOP_ID = re.compile(rb'^(\{"resourceType":"[A-Za-z]+")(?:,"id":"[^"\\]*")?(?=,"(?!id")|\})')
 MAX_PASSES = 3
+# The streamed send (a first sync): Bundles handed to the sending thread ahead of their answers
+# (one in flight, one next: the server never waits on the adapter between two Bundles), staged
+# rows waiting to be sent before staging waits for answers (bounds the memory), and the GIL's
+# switch interval meanwhile (the sending thread gets its answer within half a millisecond of
+# its arrival instead of the default 5 ms, with mapping running beside it)
+WRITES_AHEAD = 2
+STREAM_POOL_ROWS = 2000
+STREAM_SWITCH_INTERVAL_S = 0.0005
 # exact business keys per look-up where the server refuses ``system|`` searches: ~45 characters
 # each once URL-encoded, 40 of them stay far below the 8 KB request line servers accept
 LOOKUP_KEYS = 40
@@ -165,6 +179,50 @@ def references(node: Any) -> Iterator[str]:
     elif isinstance(node, list):
         for value in node:
             yield from references(value)
+
+
+@dataclass
+class _Write:
+    """A Bundle handed to the sending thread (its rows are marked ``sending``)."""
+
+    rows: list[Row]
+    entries: list[dict[str, Any]]
+    labels: list[str]
+    future: Future[list[EntryOutcome]]
+
+
+@dataclass
+class _LookUp:
+    """A look-up of staged rows of a type never searched on this server, in the sending thread."""
+
+    rtype: str
+    rows: list[Row]
+    future: Future[dict[str, list[Held]]]
+
+
+@dataclass
+class _Stream:
+    """What the streamed send keeps while staging goes on."""
+
+    io: ThreadPoolExecutor
+    jobs: deque[_Write | _LookUp] = field(default_factory=deque)  # in the order handed over
+    ready: deque[Row] = field(default_factory=deque)  # every target has a server id
+    waiting: dict[str, list[Row]] = field(default_factory=dict)  # target -> rows waiting for it
+    missing: dict[str, int] = field(default_factory=dict)  # row -> how many targets it waits for
+    learned: dict[str, bool] = field(default_factory=dict)  # the outbox searched the type before
+    parked: dict[str, list[Row]] = field(default_factory=dict)  # type's first look-up under way
+    listed: dict[tuple[str, str], dict[str, list[Held]]] = field(default_factory=dict)
+    looked_up: set[str] = field(default_factory=set)
+    unsearched: set[str] = field(default_factory=set)  # types with rows no look-up covered
+    stopped: bool = False  # an answer other than "every entry landed": the passes take over
+
+    @property
+    def writes(self) -> int:
+        return sum(isinstance(job, _Write) for job in self.jobs)
+
+    @property
+    def pooled(self) -> int:
+        return len(self.ready) + len(self.missing)
 
 
 class _Unresolved(Exception):
@@ -312,6 +370,7 @@ class Sender:
                 if row.state != "delete":
                     self._server_ids[row.key] = hits[0].server_id
         resend: list[Row] = []
+        unknown: list[Row] = []
         with self.outbox.transaction():
             for row in rows:
                 held = picked.get(row.key)
@@ -322,7 +381,7 @@ class Sender:
                     else:
                         resend.append(row)
                 elif held is None:
-                    self.outbox.mark_pending(row, forget_server=True)
+                    unknown.append(row)
                     self._server_ids.pop(row.key, None)
                     resend.append(row)
                 elif self._fingerprint(row) == held.fingerprint:
@@ -332,6 +391,7 @@ class Sender:
                 else:
                     self.outbox.set_server(row, held.server_id, held.version)
                     resend.append(row)
+            self.outbox.mark_unknown_to_server(unknown)
         return resend
 
     def _fingerprint(self, row: Row) -> str | None:
@@ -376,25 +436,25 @@ class Sender:
         return entries, carried, labels
 
     def _entry(self, row: Row, full_urls: dict[str, str]) -> dict[str, Any]:
+        """One write entry; the resource rides as the outbox's bytes (an ``orjson.Fragment``,
+        references and ``id`` rewritten on the bytes), never parsed and serialised again."""
         if row.state == "delete":
             return {"request": {"method": "DELETE", "url": f"{row.rtype}/{row.server_id}"}}
-        resource = self._resolved(row, full_urls)
+        body = self._resolved_bytes(row, full_urls)
         if self.strategy(row.rtype) == "client-id":
-            resource["id"] = row.local_id
+            resource = orjson.Fragment(_with_id(body, row.local_id))
             return {"resource": resource, "request": {"method": "PUT", "url": row.key}}
         if row.server_id is not None:
-            resource["id"] = row.server_id
             request = {"method": "PUT", "url": f"{row.rtype}/{row.server_id}"}
             if row.version_id:
                 request["ifMatch"] = f'W/"{row.version_id}"'
             return {
                 "fullUrl": self.client.url(f"{row.rtype}/{row.server_id}"),
-                "resource": resource,
+                "resource": orjson.Fragment(_with_id(body, row.server_id)),
                 "request": request,
             }
-        resource.pop("id", None)
         entry: dict[str, Any] = {
-            "resource": resource,
+            "resource": orjson.Fragment(_with_id(body, None)),
             "request": {"method": "POST", "url": row.rtype},
         }
         if row.key in full_urls:
@@ -405,12 +465,14 @@ class Sender:
         """The row's resource with every local reference rewritten to the server's id (or to
         the ``urn:uuid`` of an entry of the same atomic Bundle); :class:`_Unresolved` when a
         target has no server id."""
+        return dict(orjson.loads(self._resolved_bytes(row, full_urls)))
 
+    def _resolved_bytes(self, row: Row, full_urls: dict[str, str]) -> bytes:
         def rewrite(match: re.Match[bytes]) -> bytes:
             target = self._target(match.group(1).decode(), full_urls)
             return b'"reference":"' + target.encode() + b'"'
 
-        return dict(orjson.loads(_REFERENCE_BYTES.sub(rewrite, row.body)))
+        return _REFERENCE_BYTES.sub(rewrite, row.body)
 
     def _target(self, reference: str, full_urls: dict[str, str]) -> str:
         if reference in full_urls:
@@ -440,16 +502,28 @@ class Sender:
                  target)  # fmt: skip
 
     # -- sending -----------------------------------------------------------------------------
-    def run(self) -> SendSummary:
+    def run(self, staged: Iterable[list[Row]] | None = None) -> SendSummary:
         """Send everything the outbox has to send; stop (and say why) when the server stays
-        unavailable or its answers stay uncertain beyond the retry budget."""
+        unavailable or its answers stay uncertain beyond the retry budget.
+
+        ``staged``: the rows of a staging under way, batch by batch
+        (:meth:`Outbox.stage_in_batches`), sent as they come (:meth:`_stream`); staging is
+        carried to its end whatever the server does."""
         try:
-            caps = self.client.check_version(self.fhir_version)
-            self.outbox.bind_server(self.client.base_url)
-            self.mode = caps.bundle_mode()
-            if self.atomic and self.mode != "transaction":
-                log.warning("the server offers no transaction: sending in dependency layers")
-                self.atomic = False
+            try:
+                caps = self.client.check_version(self.fhir_version)
+                self.outbox.bind_server(self.client.base_url)
+                self.mode = caps.bundle_mode()
+                if self.atomic and self.mode != "transaction":
+                    log.warning("the server offers no transaction: sending in dependency layers")
+                    self.atomic = False
+                if staged is not None:
+                    self._server_ids = self.outbox.server_ids()
+                    self._stream(staged)
+            except Exception:
+                for _ in staged or ():
+                    pass  # staging completes (without sending) whatever became of sending
+                raise
             for _ in range(MAX_PASSES):
                 rows = self.outbox.to_send()
                 if not rows:
@@ -472,16 +546,178 @@ class Sender:
             )
         return self.summary
 
+    # -- the streamed send ---------------------------------------------------------------------
+    def _stream(self, staged: Iterable[list[Row]]) -> None:
+        """Send staged rows while staging goes on: each batch's rows are looked up where their
+        type was never searched (in the sending thread, like every request), then sent in full
+        Bundles as soon as every resource they refer to has a server id — a dependency layer
+        per row rather than per pass. The sending thread holds up to :data:`WRITES_AHEAD`
+        Bundles, so the server works while this thread maps. Rows are marked ``sending``
+        before they are handed over and recorded from the answer as in :meth:`_deliver`.
+
+        The first answer that is not "every entry landed" (or a failed look-up) stops it: what
+        is handed over is answered and handled by :meth:`_deliver` with the server to itself,
+        and everything else waits in the outbox for the passes of :meth:`run`."""
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(STREAM_SWITCH_INTERVAL_S)
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="fhir-adapter-send") as io:
+                st = _Stream(io)
+                for batch in staged:
+                    self._admit(st, batch)
+                    self._pump(st, final=False)
+                    while st.pooled > STREAM_POOL_ROWS and st.jobs:
+                        _wait([st.jobs[0].future])
+                        self._pump(st, final=False)
+                while st.jobs or (st.ready and not st.stopped):
+                    self._pump(st, final=True)
+                    if st.jobs:
+                        _wait([st.jobs[0].future])
+                # a type is learned once every row of it staged in this run was looked up
+                for rtype in sorted(st.looked_up - st.unsearched):
+                    self.outbox.learn(rtype, {})
+        finally:
+            sys.setswitchinterval(interval)
+
+    def _admit(self, st: _Stream, rows: list[Row]) -> None:
+        unlearned: dict[str, list[Row]] = {}
+        for row in rows:
+            rtype = row.rtype
+            if rtype not in st.learned:
+                st.learned[rtype] = self.outbox.learned(rtype)
+            if row.server_id is None and not (
+                st.learned[rtype] or self.strategy(rtype) == "client-id"
+            ):
+                unlearned.setdefault(rtype, []).append(row)
+            else:
+                self._enqueue(st, row)
+        for rtype, waiting in unlearned.items():
+            self._admit_unlearned(st, rtype, waiting)
+
+    def _admit_unlearned(self, st: _Stream, rtype: str, rows: list[Row]) -> None:
+        """Rows of a type this outbox never searched: matched against the type's listing once
+        it is known, parked while the type's first look-up is under way, else looked up."""
+        listing: dict[str, list[Held]] = {}
+        for system in {row.bkey.split("|", 1)[0] for row in rows}:
+            if (rtype, system) not in st.listed:
+                break
+            listing.update(st.listed[rtype, system])
+        else:
+            self._matched(st, rows, {rtype: listing})
+            return
+        if rtype in st.parked:
+            st.parked[rtype] += rows
+            return
+        if st.stopped:  # no more requests: the passes look these up
+            st.unsearched.add(rtype)
+            return
+        if (rtype, self._search_param(rtype)) not in self._exact_only:
+            st.parked[rtype] = []  # the first look-up tries the whole listing
+        keys = [row.bkey for row in rows]
+        st.jobs.append(_LookUp(rtype, rows, st.io.submit(self.look_up, rtype, keys)))
+
+    def _matched(
+        self, st: _Stream, rows: list[Row], found: dict[str, dict[str, list[Held]]]
+    ) -> None:
+        resend = self._match(rows, found, sent_now=False)
+        for row in rows:
+            if row.state == "sent":
+                self._release(st, row.key)
+        if not st.stopped:
+            for row in resend:
+                self._enqueue(st, row)
+
+    def _enqueue(self, st: _Stream, row: Row) -> None:
+        if st.stopped:
+            return  # it waits in the outbox for the passes
+        missing = [t for t in self.targets(row) if t not in self._server_ids]
+        if not missing:
+            st.ready.append(row)
+            return
+        st.missing[row.key] = len(missing)
+        for target in missing:
+            st.waiting.setdefault(target, []).append(row)
+
+    def _release(self, st: _Stream, key: str) -> None:
+        """``key`` has a server id now: its referrers wait for one target less."""
+        for row in st.waiting.pop(key, ()):
+            st.missing[row.key] -= 1
+            if st.missing[row.key] == 0:
+                del st.missing[row.key]
+                st.ready.append(row)
+
+    def _pump(self, st: _Stream, *, final: bool) -> None:
+        """Take in the answers that arrived; hand over full Bundles of ready rows (any ready
+        rows once staging is done, or when the sending thread has nothing to do)."""
+        while st.jobs and st.jobs[0].future.done():
+            job = st.jobs.popleft()
+            if isinstance(job, _Write):
+                self._answered(st, job)
+            else:
+                self._listed(st, job)
+        while not st.stopped and st.ready and st.writes < WRITES_AHEAD:
+            if not final and st.writes and len(st.ready) < self.bundle_size:
+                return
+            rows = [st.ready.popleft() for _ in range(min(self.bundle_size, len(st.ready)))]
+            entries, carried, labels = self._entries(rows)
+            if carried:
+                self.outbox.mark_sending(carried)
+                future = st.io.submit(self.client.write, entries, self.mode, labels)
+                st.jobs.append(_Write(carried, entries, labels, future))
+
+    def _answered(self, st: _Stream, job: _Write) -> None:
+        failed = job.future.exception()
+        clean = failed is None and all(o.kind == "landed" for o in job.future.result())
+        if not clean and not st.stopped:
+            self._stop(st)
+        self._deliver(job.rows, first=job)
+        if self.on_progress:
+            self.on_progress(len(job.rows))
+        for row in job.rows:
+            if row.state == "sent":
+                self._release(st, row.key)
+
+    def _listed(self, st: _Stream, job: _LookUp) -> None:
+        try:
+            found = job.future.result()
+        except ServerError:
+            # the rows stay unlearned: the passes look them up again, and say what failed
+            st.parked.pop(job.rtype, None)
+            st.unsearched.add(job.rtype)
+            self._stop(st)
+            return
+        st.looked_up.add(job.rtype)
+        if (job.rtype, self._search_param(job.rtype)) not in self._exact_only:
+            for system in {row.bkey.split("|", 1)[0] for row in job.rows}:
+                st.listed[job.rtype, system] = {
+                    key: held for key, held in found.items() if key.startswith(f"{system}|")
+                }
+        self._matched(st, job.rows, {job.rtype: found})
+        parked = st.parked.pop(job.rtype, [])
+        if parked:
+            self._admit_unlearned(st, job.rtype, parked)
+
+    def _stop(self, st: _Stream) -> None:
+        """Hand nothing more to the sending thread; take back what it has not started, and
+        wait for what it has (so that :meth:`_deliver` has the server to itself)."""
+        st.stopped = True
+        for job in list(st.jobs):
+            if job.future.cancel():
+                st.jobs.remove(job)
+                if isinstance(job, _Write):
+                    self.outbox.mark_unsent(job.rows)
+                else:
+                    st.parked.pop(job.rtype, None)
+                    st.unsearched.add(job.rtype)
+        _wait([job.future for job in st.jobs])
+
+    # -- passes over the outbox ---------------------------------------------------------------
     def _send_pass(self, rows: list[Row]) -> bool:
         writes = [r for r in rows if r.state != "delete"]
         deletes = [r for r in rows if r.state == "delete"]
         progressed = False
-        waiting = writes
-        while waiting:
-            if self.atomic:  # references inside a transaction ride as urn:uuid
-                layer, waiting = waiting, []
-            else:
-                layer, waiting = self._next_layer(waiting)
+        # references inside a transaction ride as urn:uuid: one layer
+        for layer in [writes] if self.atomic else self._layers(writes):
             progressed |= self._send_chunks(layer)
         return self._send_chunks(deletes) or progressed
 
@@ -494,42 +730,73 @@ class Sender:
                 self.on_progress(len(chunk))
         return progressed
 
-    def _next_layer(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
-        """The rows whose every target has a server id, and those that wait for a target still
-        to be sent in this pass; the others (targets dead-lettered, unknown) are held back."""
-        in_play = {r.key for r in rows}
-        ready: list[Row] = []
-        later: list[tuple[Row, list[str]]] = []
+    def _layers(self, rows: list[Row]) -> list[list[Row]]:
+        """``rows`` by dependency depth: a row goes one layer after the last of the rows it
+        refers to, so every target has a server id when its referrers are sent. A row that
+        refers to a resource with no server id and not among ``rows`` (dead-lettered,
+        unknown), or to one that waits for itself (a cycle), is held back, and so are its
+        referrers. (A target refused while its layer is sent holds its referrers back when
+        their entries are made.)"""
+        in_play = {row.key: row for row in rows}
+        depths: dict[str, int | None] = {}
+        layers: list[list[Row]] = []
         with self.outbox.transaction():
             for row in rows:
-                missing = sorted(t for t in self.targets(row) if t not in self._server_ids)
-                if not missing:
-                    ready.append(row)
-                elif all(t in in_play for t in missing):
-                    later.append((row, missing))
-                else:
-                    self._hold(row, next(t for t in missing if t not in in_play))
-            if not ready:  # what is left only waits for itself: nothing can go
-                for row, missing in later:
-                    self._hold(row, missing[0])
-                later = []
-        return ready, [row for row, _ in later]
+                depth = self._depth(row, in_play, depths, set())
+                if depth is not None:
+                    layers += [[] for _ in range(depth + 1 - len(layers))]
+                    layers[depth].append(row)
+        return layers
 
-    def _deliver(self, rows: list[Row]) -> bool:
+    def _depth(
+        self, row: Row, in_play: dict[str, Row], depths: dict[str, int | None], path: set[str]
+    ) -> int | None:
+        if row.key in depths:
+            return depths[row.key]
+        missing = [t for t in self.targets(row) if t not in self._server_ids]
+        depth = 0
+        path.add(row.key)
+        for target in sorted(missing):
+            below = in_play.get(target)
+            # not to be sent, a cycle, or held back itself
+            under = (
+                None
+                if below is None or target in path
+                else self._depth(below, in_play, depths, path)
+            )
+            if under is None:
+                self._hold(row, target)
+                path.discard(row.key)
+                depths[row.key] = None
+                return None
+            depth = max(depth, under + 1)
+        path.discard(row.key)
+        depths[row.key] = depth
+        return depth
+
+    def _deliver(self, rows: list[Row], first: _Write | None = None) -> bool:
         """Send ``rows`` (one Bundle), then again what is left of them — not applied, or
-        uncertain and found missing or different by the look-up — within the retry budget."""
+        uncertain and found missing or different by the look-up — within the retry budget.
+        ``first``: the Bundle of ``rows`` already handed to the server (the streamed send);
+        its answer is the first attempt's."""
         todo = rows
         progressed = False
 
         def attempt() -> None:
-            nonlocal todo, progressed
-            entries, carried, labels = self._entries(todo)
-            todo = []
-            if not carried:
-                return
-            self.outbox.mark_sending(carried)
+            nonlocal todo, progressed, first
+            if first is not None:
+                entries, carried, labels = first.entries, first.rows, first.labels
+                write: Callable[[], list[EntryOutcome]] = first.future.result
+                first, todo = None, []
+            else:
+                entries, carried, labels = self._entries(todo)
+                todo = []
+                if not carried:
+                    return
+                self.outbox.mark_sending(carried)
+                write = functools.partial(self.client.write, entries, self.mode, labels)
             try:
-                outcomes = self.client.write(entries, self.mode, labels)
+                outcomes = write()
             except (ServerRejected, Conflict) as exc:
                 try:
                     progressed |= self._rejected_whole(carried, exc)
@@ -569,12 +836,18 @@ class Sender:
         retry: list[Row] = []
         uncertain: list[Row] = []
         last: ServerError | None = None
+        landed: list[tuple[Row, str, str | None]] = []
         with self.outbox.transaction():
             letters = self.outbox.dead_letter_count() > 0  # none: nothing to clear per row
             for row, entry, outcome in zip(rows, entries, outcomes, strict=True):
                 method = entry["request"]["method"]
-                if outcome.kind == "landed":
-                    self._landed(row, method, outcome, letters=letters)
+                if outcome.kind == "landed" and method != "DELETE":
+                    assert outcome.server_id is not None  # noqa: S101 - entry_outcome's promise
+                    landed.append((row, outcome.server_id, outcome.version))
+                    self._server_ids[row.key] = outcome.server_id
+                    self._count_landed(row, method == "POST" or outcome.created)
+                elif outcome.kind == "landed":
+                    self._deleted(row)
                 elif outcome.kind == "refused" or (
                     outcome.kind == "conflict" and method == "DELETE"
                 ):
@@ -589,21 +862,13 @@ class Sender:
                 else:
                     uncertain.append(row)
                     last = outcome.error
+            self.outbox.mark_sent_many(landed, letters=letters)
         return retry, uncertain, last
 
-    def _landed(
-        self, row: Row, method: str, outcome: EntryOutcome, *, letters: bool = True
-    ) -> None:
-        if method == "DELETE":
-            self.outbox.mark_deleted(row)
-            self._server_ids.pop(row.key, None)
-            self.summary.deleted += 1
-            return
-        assert outcome.server_id is not None  # noqa: S101 - entry_outcome guarantees it
-        created = method == "POST" or outcome.created
-        self.outbox.mark_sent(row, outcome.server_id, outcome.version, letters=letters)
-        self._server_ids[row.key] = outcome.server_id
-        self._count_landed(row, created)
+    def _deleted(self, row: Row) -> None:
+        self.outbox.mark_deleted(row)
+        self._server_ids.pop(row.key, None)
+        self.summary.deleted += 1
 
     def _conflict(self, row: Row, status: int | None) -> None:
         """The server's copy changed since the outbox saw it (409/412). ``sync DIR``: the
@@ -641,6 +906,25 @@ class Sender:
         left = self._deliver(rows[:middle])
         right = self._deliver(rows[middle:])
         return left or right
+
+
+def _with_id(body: bytes, resource_id: str | None) -> bytes:
+    """``body`` with its top-level ``id`` set to ``resource_id`` (removed for None). Outbox
+    bodies open with ``{"resourceType":…,"id":…`` (the builders' order), so this is a splice;
+    any other body is parsed and written again."""
+    match = _TOP_ID.match(body)
+    if match is None:
+        resource = dict(orjson.loads(body))
+        resource.pop("id", None)
+        if resource_id is not None:
+            resource = {"resourceType": resource.pop("resourceType"), "id": resource_id, **resource}
+        return orjson.dumps(resource)
+    new_id = b"" if resource_id is None else b',"id":' + orjson.dumps(resource_id)
+    return match.group(1) + new_id + body[match.end() :]
+
+
+def _wait(futures: list[Future[Any]]) -> None:
+    wait_for(futures)
 
 
 def _business_values(resource: dict[str, Any], param: str, system: str) -> list[str]:

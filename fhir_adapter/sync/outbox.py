@@ -274,9 +274,7 @@ class Outbox:
         except (OSError, sqlite3.Error) as exc:
             raise ConfigurationError(f"cannot open the outbox {path}: {exc}") from None
         try:
-            self._refuse_foreign(read_only)
-            if not read_only:
-                self._open()
+            self._set_up(read_only)
         except sqlite3.Error as exc:
             self.db.close()
             raise ConfigurationError(
@@ -286,6 +284,22 @@ class Outbox:
         except ConfigurationError:
             self.db.close()
             raise
+
+    def _set_up(self, read_only: bool, *, wait_s: float = 30.0) -> None:
+        """Check the file and set up the schema. Two processes opening a new outbox at the same
+        moment can find it locked while the other turns on WAL (SQLite answers "database is
+        locked" at once there, without waiting): that is tried again, briefly, until ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._refuse_foreign(read_only)
+                if not read_only:
+                    self._open()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
     def _refuse_foreign(self, read_only: bool) -> None:
         tables = {
@@ -310,8 +324,18 @@ class Outbox:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=30000")
-        self.db.executescript(_SCHEMA)
-        self.db.executescript(_TRIGGERS)
+        # one transaction: a process opening the same new file meanwhile finds no outbox or a
+        # whole one, never tables without their schema version ("another application's")
+        try:
+            self.db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} {_TRIGGERS}")
+            self._migrate()
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+
+    def _migrate(self) -> None:
         version = self.get_meta("schema_version")
         if version is not None and int(version) > SCHEMA_VERSION:
             raise ConfigurationError(
@@ -438,40 +462,69 @@ class Outbox:
         the records the outbox holds from it (and more than 5), or that yields none of them,
         removes nothing unless ``allow_removals``; it is listed in ``refused_removals``.
         """
-        result = StageResult()
-        seen: set[tuple[str, str]] = set()
-        seen_by_source: Counter[str] = Counter()
-        seq = 0
         with self.transaction():  # read and written in one transaction: no writer in between
-            existing = {
-                (str(r[0]), str(r[1])): _Existing(r[2], r[3], r[4], r[5], r[6])
-                for r in self.db.execute(
-                    "SELECT rtype, bkey, hash, state, sent_hash, source, retracted FROM resources"
-                )
-            }
-            refused_deletes = self._dead_keys("DELETE")
+            staging = _Staging(self, allow_removals, max_removal_share)
             for source, resource, body in items:
-                seq += 1
-                rtype = str(resource["resourceType"])
-                tag = resource["meta"]["tag"][0]
-                key = (rtype, f"{tag['system']}|{tag['code']}")
-                seen.add(key)
-                seen_by_source[source] += 1
-                self._stage_one(
-                    key, source, resource, body, seq, existing.get(key), refused_deletes, result
-                )
-            # asked only now: which files were complete is known once they were read
-            removals = _Removals(existing, seen, present_sources(), refused_deletes)
-            for source, keys in removals.by_source().items():
-                held = removals.held(source)
-                too_many = len(keys) > max_removal_share * held and len(keys) > MIN_GUARDED_REMOVALS
-                if not allow_removals and (too_many or seen_by_source[source] == 0):
-                    result.refused_removals.append(RefusedRemoval(source, len(keys), held))
-                    continue
-                for rtype, bkey in keys:
-                    seq += 1
-                    self._remove(rtype, bkey, seq, result, RETRACTABLE[fhir_version])
-        return result
+                staging.add(source, resource, body)
+            staging.remove_absent(present_sources(), RETRACTABLE[fhir_version])
+        return staging.result
+
+    def nothing_to_send(self) -> bool:
+        """No row waits to be sent, looked up, deleted or re-read: a sync may send what it
+        stages as it stages it (:meth:`stage_in_batches`)."""
+        row = self.db.execute(
+            "SELECT EXISTS (SELECT 1 FROM resources "
+            "WHERE state IN ('pending', 'sending', 'delete', 'conflict'))"
+        ).fetchone()
+        return not row[0]
+
+    def stage_in_batches(
+        self,
+        items: Iterable[tuple[str, dict[str, Any], bytes]],
+        present_sources: Callable[[], set[str]],
+        result: StageResult,
+        fhir_version: str = "R4",
+        *,
+        batch_rows: int = 50,
+        allow_removals: bool = False,
+        max_removal_share: float = 0.2,
+    ) -> Iterator[list[Row]]:
+        """:meth:`stage`, committed every ``batch_rows`` items: yields the rows each batch left
+        to send, so that sending overlaps staging. Only for an outbox with
+        :meth:`nothing_to_send` (every pending row is then one of this run's). The writer lock
+        keeps other processes out; the consumer writes between batches (no transaction of
+        staging is open while it runs). Removals are staged last and not yielded: they are
+        sent after everything else. ``result`` is filled in as staging goes."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            staging = _Staging(self, allow_removals, max_removal_share, result)
+            first = 1
+            for source, resource, body in items:
+                staging.add(source, resource, body)
+                if staging.seq - first + 1 >= batch_rows:
+                    self.db.execute("COMMIT")
+                    yield self._pending_between(first, staging.seq)
+                    first = staging.seq + 1
+                    self.db.execute("BEGIN IMMEDIATE")
+            last = staging.seq
+            staging.remove_absent(present_sources(), RETRACTABLE[fhir_version])
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        if first <= last:
+            yield self._pending_between(first, last)
+
+    def _pending_between(self, first: int, last: int) -> list[Row]:
+        return [
+            Row(*r)
+            for r in self.db.execute(
+                f"SELECT {_ROW_COLUMNS} FROM resources "  # noqa: S608
+                "WHERE state = 'pending' AND seq BETWEEN ? AND ? ORDER BY seq",
+                (first, last),
+            )
+        ]
 
     def _stage_one(
         self,
@@ -702,6 +755,35 @@ class Outbox:
             self._delete_letter(row.rtype, row.bkey)
         row.state, row.server_id, row.version_id = "sent", server_id, version
 
+    def mark_sent_many(
+        self, landed: list[tuple[Row, str, str | None]], *, letters: bool = True
+    ) -> None:
+        """:meth:`mark_sent` for (row, server id, version) of one answer, in one statement."""
+        self.db.executemany(
+            "UPDATE resources SET state = 'sent', server_id = ?, version_id = ?, sent_hash = ?, "
+            "last_error = NULL WHERE rtype = ? AND bkey = ?",
+            [(sid, version, row.hash, row.rtype, row.bkey) for row, sid, version in landed],
+        )
+        if letters:
+            self.db.executemany(
+                "DELETE FROM dead_letters WHERE rtype = ? AND bkey = ?",
+                [(row.rtype, row.bkey) for row, _, _ in landed],
+            )
+        for row, server_id, version in landed:
+            row.state, row.server_id, row.version_id = "sent", server_id, version
+
+    def mark_unknown_to_server(self, rows: list[Row]) -> None:
+        """A look-up found none of ``rows`` on the server: pending, no server id (a row that is
+        so already is not written: a first sync looks up every row it staged)."""
+        self.db.executemany(
+            "UPDATE resources SET state = 'pending', last_error = NULL, server_id = NULL, "
+            "version_id = NULL WHERE rtype = ? AND bkey = ? AND NOT (state = 'pending' AND "
+            "last_error IS NULL AND server_id IS NULL AND version_id IS NULL)",
+            [(row.rtype, row.bkey) for row in rows],
+        )
+        for row in rows:
+            row.state, row.server_id, row.version_id = "pending", None, None
+
     def mark_deleted(self, row: Row) -> None:
         self.db.execute(
             "UPDATE resources SET state = 'tombstone', server_id = NULL, version_id = NULL, "
@@ -925,6 +1007,65 @@ class Outbox:
                 (body, digest, digest, server_id, version, rtype, bkey),
             )
         return True
+
+
+class _Staging:
+    """One staging run over an open transaction of ``outbox`` (see :meth:`Outbox.stage`)."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        allow_removals: bool,
+        max_removal_share: float,
+        result: StageResult | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.allow_removals = allow_removals
+        self.max_removal_share = max_removal_share
+        self.result = StageResult() if result is None else result
+        self.seen: set[tuple[str, str]] = set()
+        self.seen_by_source: Counter[str] = Counter()
+        self.seq = 0
+        self.existing = {
+            (str(r[0]), str(r[1])): _Existing(r[2], r[3], r[4], r[5], r[6])
+            for r in outbox.db.execute(
+                "SELECT rtype, bkey, hash, state, sent_hash, source, retracted FROM resources"
+            )
+        }
+        self.refused_deletes = outbox._dead_keys("DELETE")
+
+    def add(self, source: str, resource: dict[str, Any], body: bytes) -> None:
+        self.seq += 1
+        rtype = str(resource["resourceType"])
+        tag = resource["meta"]["tag"][0]
+        key = (rtype, f"{tag['system']}|{tag['code']}")
+        self.seen.add(key)
+        self.seen_by_source[source] += 1
+        self.outbox._stage_one(
+            key,
+            source,
+            resource,
+            body,
+            self.seq,
+            self.existing.get(key),
+            self.refused_deletes,
+            self.result,
+        )
+
+    def remove_absent(self, present: set[str], retractable: frozenset[str]) -> None:
+        """Asked only at the end: which files were complete is known once they were read."""
+        removals = _Removals(self.existing, self.seen, present, self.refused_deletes)
+        for source, keys in removals.by_source().items():
+            held = removals.held(source)
+            too_many = (
+                len(keys) > self.max_removal_share * held and len(keys) > MIN_GUARDED_REMOVALS
+            )
+            if not self.allow_removals and (too_many or self.seen_by_source[source] == 0):
+                self.result.refused_removals.append(RefusedRemoval(source, len(keys), held))
+                continue
+            for rtype, bkey in keys:
+                self.seq += 1
+                self.outbox._remove(rtype, bkey, self.seq, self.result, retractable)
 
 
 class _Removals:

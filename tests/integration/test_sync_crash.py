@@ -3,8 +3,10 @@ duplicates nothing.
 
 `fhir-adapter sync` runs in a subprocess against the real in-memory FHIR server with small
 Bundles (``--bundle-size 20``). The test polls the outbox (SQLite, read-only) and kills the
-process at chosen moments — while it maps, with a Bundle in flight (rows in state ``sending``),
-right after an answer was recorded, while a re-run re-maps — then re-runs it to the end. The
+process at chosen moments — once it staged rows and before it handed a Bundle over (the first
+run, on a fresh outbox, sends while it stages), with a Bundle in flight (rows in state
+``sending``), right after an answer was recorded, while a re-run re-maps — then re-runs it to
+the end (the re-runs find rows left to send: they stage everything, then send). The
 server must then hold exactly one resource per business identifier and all of them: as many per
 type as a clean run plans (``--dry-run`` on a fresh outbox).
 
@@ -151,7 +153,8 @@ def kill_points(atomic_bundles: bool) -> list[tuple[str, Trigger]]:
 
 
 KILL_POINTS: list[tuple[str, Trigger]] = [
-    ("while starting and mapping", lambda m: m.now.elapsed >= 0.8),
+    # the first run sends while it stages (a fresh outbox): staged rows, no Bundle handed over
+    ("staged, nothing handed over yet", lambda m: m.now.rows > 0 and m.now.attempts == 0),
     ("first Bundle handed over", lambda m: m.now.attempts > m.start.attempts),
     ("Bundle in flight at ~20 %", in_flight(0.2)),
     ("re-mapping with a quarter landed", lambda m: m.now.elapsed >= 1.2),

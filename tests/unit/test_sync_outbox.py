@@ -15,7 +15,7 @@ import pytest
 
 from fhir_adapter.errors import ConfigurationError, OutboxBusy
 from fhir_adapter.jsonout import dumpb
-from fhir_adapter.sync.outbox import Outbox, RefusedRemoval, lock_path, writer_lock
+from fhir_adapter.sync.outbox import Outbox, RefusedRemoval, StageResult, lock_path, writer_lock
 
 OBS = "urn:nct06677931:observation"
 PAT = "urn:nct06677931:patient"
@@ -350,3 +350,93 @@ def test_a_database_the_inbox_set_up_first_is_an_outbox(tmp_path: Path) -> None:
     Inbox(path).close()
     with Outbox(path) as box:
         assert box.counts() == {}
+
+
+def _open_at_once(path: str, barrier: Any, answers: Any) -> None:
+    barrier.wait()
+    try:
+        Outbox(Path(path)).close()
+        answers.put("ok")
+    except Exception as exc:
+        answers.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_a_new_outbox_at_once_all_get_it(tmp_path: Path) -> None:
+    """Two syncs started together on a new outbox: SQLite answers "database is locked" at once
+    while the other turns WAL on, and a half-created schema looked like another application's
+    database. Neither may fail (a real race: 1 run in 5 failed before the fix)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    failures = []
+    for round_ in range(20):
+        path = tmp_path / f"o{round_}.sqlite"
+        barrier, answers = context.Barrier(3), context.Queue()
+        openers = [
+            context.Process(target=_open_at_once, args=(str(path), barrier, answers))
+            for _ in range(3)
+        ]
+        for process in openers:
+            process.start()
+        for process in openers:
+            process.join(30)
+        failures += [a for a in (answers.get(timeout=5) for _ in openers) if a != "ok"]
+    assert failures == []
+
+
+# -- staging in batches (the streamed send) ----------------------------------------------------
+def _items(masi: range, patients: range) -> list[tuple[str, dict[str, Any], bytes]]:
+    items = [("masi", obs(f"M{i}"), dumpb(obs(f"M{i}"))) for i in masi]
+    return items + [("participants", pat(f"S{i}"), dumpb(pat(f"S{i}"))) for i in patients]
+
+
+def _rows(box: Outbox) -> list[tuple[Any, ...]]:
+    return sorted(box.db.execute("SELECT * FROM resources").fetchall())
+
+
+def test_staging_in_batches_stages_what_stage_does(tmp_path: Path) -> None:
+    """Same rows, states, sequence and result as :meth:`Outbox.stage` — on a new outbox and on
+    one that already holds a landed set (changes, unchanged rows, removals)."""
+    whole, batched = Outbox(tmp_path / "whole.sqlite"), Outbox(tmp_path / "batched.sqlite")
+    present = lambda: {"masi", "participants"}  # noqa: E731
+    for masi, patients in [(range(7), range(3)), (range(1, 9), range(3))]:
+        expected = whole.stage(_items(masi, patients), present, "R4")
+        got = StageResult()
+        batches = list(batched.stage_in_batches(_items(masi, patients), present, got, batch_rows=3))
+        assert got == expected
+        assert _rows(batched) == _rows(whole)
+        yielded = [(r.rtype, r.bkey) for batch in batches for r in batch]
+        assert all(len(batch) <= 3 for batch in batches)
+        # every new or changed row once, in staging order; removals (retracted M0) not yielded
+        staged = [r for r in whole.to_send() if not r.retracted]
+        assert yielded == [(r.rtype, r.bkey) for r in staged]
+        for box in (whole, batched):
+            landed(box)
+    assert expected.retracted == 1
+
+
+def test_the_consumer_writes_between_batches(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite")
+    assert box.nothing_to_send()
+    result = StageResult()
+    for batch in box.stage_in_batches(_items(range(5), range(0)), set, result, batch_rows=2):
+        assert not box.db.in_transaction  # staging holds no transaction while the consumer runs
+        with box.transaction():
+            box.mark_sent_many([(row, f"srv-{row.local_id}", "1") for row in batch])
+    assert result.new == 5
+    assert box.counts() == {"Observation": {"sent": 5}}
+    assert box.nothing_to_send()
+
+
+def test_a_failure_while_staging_keeps_the_committed_batches(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite")
+
+    def failing() -> Any:
+        yield from _items(range(5), range(0))
+        raise RuntimeError("mapping failed")
+
+    batches = box.stage_in_batches(failing(), set, StageResult(), batch_rows=2)
+    with pytest.raises(RuntimeError, match="mapping failed"):
+        list(batches)
+    assert not box.db.in_transaction
+    assert box.counts() == {"Observation": {"pending": 4}}  # the fifth was not committed
