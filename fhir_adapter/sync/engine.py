@@ -265,7 +265,6 @@ class Sender:
         self.summary = SendSummary()
         self._strategies: dict[str, Strategy] = {}
         self._server_ids: dict[str, str] = {}
-        self._targets: dict[str, frozenset[str]] = {}
         self._exact_only: set[tuple[str, str]] = set()  # (type, param) refused as "system|"
 
     # -- identity ----------------------------------------------------------------------------
@@ -485,15 +484,13 @@ class Sender:
             raise _Unresolved(reference)
         return f"{match.group(1)}/{server_id}"
 
-    def targets(self, row: Row) -> frozenset[str]:
-        """``Type/local id`` of every resource ``row`` refers to."""
+    @staticmethod
+    def targets(row: Row) -> set[str]:
+        """``Type/local id`` of every resource ``row`` refers to (asked once per row and pass:
+        not kept, it would hold a set per resource)."""
         key = row.key
-        if key not in self._targets:
-            found = {m.decode() for m in _REFERENCE_BYTES.findall(row.body)}
-            self._targets[key] = frozenset(
-                r for r in found if r != key and LOCAL_REFERENCE.match(r)
-            )
-        return self._targets[key]
+        found = {m.decode() for m in _REFERENCE_BYTES.findall(row.body)}
+        return {r for r in found if r != key and LOCAL_REFERENCE.match(r)}
 
     def _hold(self, row: Row, target: str) -> None:
         self.outbox.hold(row, target)

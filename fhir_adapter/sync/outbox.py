@@ -502,6 +502,7 @@ class Outbox:
             for source, resource, body in items:
                 staging.add(source, resource, body)
                 if staging.seq - first + 1 >= batch_rows:
+                    staging.flush()
                     self.db.execute("COMMIT")
                     yield self._pending_between(first, staging.seq)
                     first = staging.seq + 1
@@ -533,20 +534,12 @@ class Outbox:
         resource: dict[str, Any],
         body: bytes,
         seq: int,
-        old: _Existing | None,
+        old: _Existing,
         refused_deletes: set[tuple[str, str]],
         result: StageResult,
     ) -> None:
         rtype, bkey = key
         digest = content_hash(body)
-        if old is None:
-            result.new += 1
-            self.db.execute(
-                "INSERT INTO resources (rtype, bkey, local_id, seq, source, body, hash, "
-                "state) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')",
-                (rtype, bkey, str(resource["id"]), seq, source, body, digest),
-            )
-            return
         if old.state == "sent" and old.sent_hash == digest:
             result.unchanged += 1
             self.db.execute(
@@ -1026,6 +1019,7 @@ class _Staging:
         self.seen: set[tuple[str, str]] = set()
         self.seen_by_source: Counter[str] = Counter()
         self.seq = 0
+        self.inserts: list[tuple[str, str, str, int, str, bytes, str]] = []
         self.existing = {
             (str(r[0]), str(r[1])): _Existing(r[2], r[3], r[4], r[5], r[6])
             for r in outbox.db.execute(
@@ -1039,21 +1033,39 @@ class _Staging:
         rtype = str(resource["resourceType"])
         tag = resource["meta"]["tag"][0]
         key = (rtype, f"{tag['system']}|{tag['code']}")
-        self.seen.add(key)
         self.seen_by_source[source] += 1
+        old = self.existing.get(key)
+        if old is not None:  # removals are among the existing rows: only they need counting
+            self.seen.add(key)
+        if old is None:  # new: inserted with the others of its batch (one statement)
+            self.result.new += 1
+            self.inserts.append(
+                (rtype, key[1], str(resource["id"]), self.seq, source, body, content_hash(body))
+            )
+            return
         self.outbox._stage_one(
             key,
             source,
             resource,
             body,
             self.seq,
-            self.existing.get(key),
+            old,
             self.refused_deletes,
             self.result,
         )
 
+    def flush(self) -> None:
+        """Insert the new rows staged since the last flush (before a commit, before removals)."""
+        self.outbox.db.executemany(
+            "INSERT INTO resources (rtype, bkey, local_id, seq, source, body, hash, state) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')",
+            self.inserts,
+        )
+        self.inserts.clear()
+
     def remove_absent(self, present: set[str], retractable: frozenset[str]) -> None:
         """Asked only at the end: which files were complete is known once they were read."""
+        self.flush()
         removals = _Removals(self.existing, self.seen, present, self.refused_deletes)
         for source, keys in removals.by_source().items():
             held = removals.held(source)
