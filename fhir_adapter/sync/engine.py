@@ -663,8 +663,9 @@ class Sender:
                 st.jobs.append(_Write(carried, entries, labels, future))
 
     def _answered(self, st: _Stream, job: _Write) -> None:
-        failed = job.future.exception()
-        clean = failed is None and all(o.kind == "landed" for o in job.future.result())
+        clean = job.future.exception() is None and all(
+            o.kind == "landed" for o in job.future.result()
+        )
         if not clean and not st.stopped:
             self._stop(st)
         self._deliver(job.rows, first=job)

@@ -531,7 +531,6 @@ class Outbox:
         self,
         key: tuple[str, str],
         source: str,
-        resource: dict[str, Any],
         body: bytes,
         seq: int,
         old: _Existing,
@@ -739,14 +738,7 @@ class Outbox:
     ) -> None:
         """Landed. ``letters=False``: the caller knows the outbox holds no dead letter (one
         statement per landed row instead of two)."""
-        self.db.execute(
-            "UPDATE resources SET state = 'sent', server_id = ?, version_id = ?, sent_hash = ?, "
-            "last_error = NULL WHERE rtype = ? AND bkey = ?",
-            (server_id, version, row.hash, row.rtype, row.bkey),
-        )
-        if letters:
-            self._delete_letter(row.rtype, row.bkey)
-        row.state, row.server_id, row.version_id = "sent", server_id, version
+        self.mark_sent_many([(row, server_id, version)], letters=letters)
 
     def mark_sent_many(
         self, landed: list[tuple[Row, str, str | None]], *, letters: bool = True
@@ -1035,24 +1027,14 @@ class _Staging:
         key = (rtype, f"{tag['system']}|{tag['code']}")
         self.seen_by_source[source] += 1
         old = self.existing.get(key)
-        if old is not None:  # removals are among the existing rows: only they need counting
-            self.seen.add(key)
         if old is None:  # new: inserted with the others of its batch (one statement)
             self.result.new += 1
             self.inserts.append(
                 (rtype, key[1], str(resource["id"]), self.seq, source, body, content_hash(body))
             )
             return
-        self.outbox._stage_one(
-            key,
-            source,
-            resource,
-            body,
-            self.seq,
-            old,
-            self.refused_deletes,
-            self.result,
-        )
+        self.seen.add(key)  # removals are among the existing rows: only they need counting
+        self.outbox._stage_one(key, source, body, self.seq, old, self.refused_deletes, self.result)
 
     def flush(self) -> None:
         """Insert the new rows staged since the last flush (before a commit, before removals)."""
